@@ -1,0 +1,144 @@
+"""Loading the built CUDA library and calling its C functions through ctypes (mirrors csrc/sparsek_abi.h)."""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import threading
+
+import torch
+
+from .arch import device_choice
+
+ABI_VERSION = 1
+_LOG2E = 1.0 / math.log(2.0)
+_i64, _i32, _ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
+
+
+class SkFmhaParams(ctypes.Structure):
+    """ctypes mirror of ``SkFmhaParams`` in ``csrc/sparsek_abi.h``."""
+
+    _fields_ = [
+        ("q", _ptr), ("k", _ptr), ("v", _ptr), ("o", _ptr), ("lse", _ptr),
+        ("cu_seqlens_q", _ptr), ("cu_seqlens_k", _ptr), ("seqused_k", _ptr), ("block_table", _ptr),
+        ("q_batch_stride", _i64), ("q_row_stride", _i64), ("q_head_stride", _i64),
+        ("k_batch_stride", _i64), ("k_row_stride", _i64), ("k_head_stride", _i64),
+        ("v_batch_stride", _i64), ("v_row_stride", _i64), ("v_head_stride", _i64),
+        ("o_batch_stride", _i64), ("o_row_stride", _i64), ("o_head_stride", _i64),
+        ("lse_batch_stride", _i64), ("lse_head_stride", _i64),
+        ("block_table_batch_stride", _i64),
+        ("batch", _i32), ("heads_q", _i32), ("heads_kv", _i32), ("seqlen_q", _i32), ("seqlen_k", _i32),
+        ("head_dim", _i32), ("page_size", _i32), ("window_left", _i32), ("window_right", _i32),
+        ("is_bf16", _i32), ("scale_log2", ctypes.c_float),
+    ]  # fmt: skip
+
+
+class KernelUnavailable(RuntimeError):
+    """No built kernel for this GPU and the reference fallback was not requested."""
+
+
+_libs: dict[str, ctypes.CDLL] = {}
+_lock = threading.Lock()
+
+
+def fallback_allowed() -> bool:
+    """Whether ``SPARSEK_ALLOW_FALLBACK=1`` asks to run the reference on a GPU without a kernel."""
+    return os.environ.get("SPARSEK_ALLOW_FALLBACK", "0") not in ("", "0", "false", "False")
+
+
+def load(device: torch.device) -> ctypes.CDLL:
+    """The library for ``device``'s architecture, built just in time on first use (then cached)."""
+    from . import build as _build
+
+    target = device_choice(device).target
+    lib = _libs.get(target)
+    if lib is not None:
+        return lib
+    with _lock:
+        if target not in _libs:
+            try:
+                path = _build.build(target)
+            except _build.BuildError as e:
+                raise KernelUnavailable(
+                    f"sparsek's CUDA kernels for {target} are not available ({e}). "
+                    "Install the CUDA toolkit (nvcc) and ninja, or set SPARSEK_ALLOW_FALLBACK=1 "
+                    "to run the slow PyTorch reference on the GPU."
+                ) from e
+            lib = ctypes.CDLL(str(path))
+            lib.sk_fmha_fwd.argtypes = [ctypes.POINTER(SkFmhaParams), ctypes.c_void_p]
+            lib.sk_fmha_fwd.restype = ctypes.c_int
+            lib.sk_error_string.argtypes = [ctypes.c_int]
+            lib.sk_error_string.restype = ctypes.c_char_p
+            lib.sk_abi_version.restype = ctypes.c_int
+            if lib.sk_abi_version() != ABI_VERSION:
+                raise KernelUnavailable(f"stale sparsek library at {path}: ABI {lib.sk_abi_version()} != {ABI_VERSION}")
+            _libs[target] = lib
+    return _libs[target]
+
+
+def check(lib: ctypes.CDLL, code: int, what: str) -> None:
+    """Raise ``RuntimeError`` with the CUDA error text when ``code`` is non-zero."""
+    if code != 0:
+        raise RuntimeError(f"sparsek {what} failed: {lib.sk_error_string(code).decode()} (code {code})")
+
+
+def _ptr_of(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def fmha_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor | None,
+    *,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    seqused_k: torch.Tensor | None,
+    block_table: torch.Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    scale: float,
+    window_left: int,
+    window_right: int,
+) -> None:
+    """Launch the FMHA kernel on the current stream.
+
+    Dense tensors are ``[B, S, H, D]`` (any strides with a unit last stride); varlen/paged ones are
+    ``[total, H, D]`` (or ``[num_pages, page_size, H, D]`` for paged K/V).
+    """
+    lib = load(q.device)
+    paged = block_table is not None
+    if q.dim() == 4:
+        qb, qr, qh = q.stride(0), q.stride(1), q.stride(2)
+        ob, orr, oh = out.stride(0), out.stride(1), out.stride(2)
+        batch = q.shape[0]
+    else:
+        qb, qr, qh = 0, q.stride(0), q.stride(1)
+        ob, orr, oh = 0, out.stride(0), out.stride(1)
+        batch = cu_seqlens_q.shape[0] - 1
+    if k.dim() == 4:
+        kb, kr, kh = k.stride(0), k.stride(1), k.stride(2)
+        vb, vr, vh = v.stride(0), v.stride(1), v.stride(2)
+    else:
+        kb, kr, kh = 0, k.stride(0), k.stride(1)
+        vb, vr, vh = 0, v.stride(0), v.stride(1)
+    if lse is not None and lse.numel() > 0:
+        lb, lh = (lse.stride(0), lse.stride(1)) if lse.dim() == 3 else (0, lse.stride(0))
+        lse_ptr = lse.data_ptr()
+    else:
+        lb = lh = 0
+        lse_ptr = None
+    p = SkFmhaParams(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse_ptr,
+        _ptr_of(cu_seqlens_q), _ptr_of(cu_seqlens_k), _ptr_of(seqused_k), _ptr_of(block_table),
+        qb, qr, qh, kb, kr, kh, vb, vr, vh, ob, orr, oh, lb, lh,
+        block_table.stride(0) if paged else 0,
+        batch, q.shape[-2], k.shape[-2], max_seqlen_q, max_seqlen_k, q.shape[-1],
+        k.shape[1] if paged else 0, window_left, window_right,
+        int(q.dtype == torch.bfloat16), scale * _LOG2E,
+    )  # fmt: skip
+    stream = torch.cuda.current_stream(q.device).cuda_stream
+    check(lib, lib.sk_fmha_fwd(ctypes.byref(p), ctypes.c_void_p(stream)), "fmha forward")

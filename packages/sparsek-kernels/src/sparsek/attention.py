@@ -1,0 +1,148 @@
+"""Public dense attention API: `attention` and `varlen_attention`."""
+
+from __future__ import annotations
+
+import torch
+
+from . import ops  # noqa: F401  (registers torch.ops.sparsek.*)
+from ._validation import (
+    KERNEL_HEAD_DIMS,
+    check_cu_seqlens,
+    check_heads,
+    check_layout,
+    check_qkv,
+    check_scale,
+    check_tensor,
+    normalize_window,
+)
+
+
+def _check_kernel_head_dim(q: torch.Tensor) -> None:
+    if q.device.type == "cuda" and q.shape[-1] not in KERNEL_HEAD_DIMS:
+        raise ValueError(
+            f"head dim {q.shape[-1]} is not supported by sparsek's CUDA kernels (supported: {KERNEL_HEAD_DIMS}); "
+            "the CPU reference path accepts any head dim"
+        )
+
+
+def _capturing_or_compiling() -> bool:
+    return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    window: tuple[int, int] | None = None,
+    layout: str = "bshd",
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Scaled dot-product attention forward, ``softmax(q kᵀ · scale) v``.
+
+    Args:
+        q: queries, ``[batch, seqlen_q, heads_q, head_dim]`` (``layout="bshd"``) or
+            ``[batch, heads_q, seqlen_q, head_dim]`` (``layout="bhsd"``, PyTorch SDPA's layout).
+        k: keys, same layout, ``heads_kv`` heads with ``heads_q % heads_kv == 0`` (GQA/MQA).
+        v: values, same shape as ``k``.
+        causal: causal mask aligned **bottom-right**: query ``i`` sees keys ``j <= i + seqlen_k - seqlen_q``
+            (FlashAttention ≥ 2.1 semantics; identical to top-left when the lengths are equal).
+        scale: softmax scale, default ``head_dim ** -0.5``.
+        window: ``(left, right)`` sliding window around the (bottom-right aligned) diagonal; ``-1`` is unbounded.
+            Combined with ``causal`` the right side is 0.
+        layout: ``"bshd"`` or ``"bhsd"``.
+        return_lse: also return the log-sum-exp of the scaled scores, float32 ``[batch, heads_q, seqlen_q]``
+            (``-inf`` for rows that see no key; their output is 0).
+
+    Returns:
+        The output in ``q``'s layout and dtype, and the LSE if ``return_lse``.
+
+    fp16/bf16 on the GPU with head dims 64, 128 and 256; any floating dtype and head dim on the CPU, where the
+    pure-PyTorch reference runs. Works under ``torch.compile`` and CUDA-graph capture (op ``torch.ops.sparsek.fmha_fwd``).
+    """
+    check_layout(layout)
+    check_qkv(q, k, v, ndim=4)
+    seq_dim, head_dim = (1, 2) if layout == "bshd" else (2, 1)
+    if not (q.shape[0] == k.shape[0] == v.shape[0]):
+        raise ValueError(f"q, k, v must have the same batch size, got {q.shape[0]}, {k.shape[0]}, {v.shape[0]}")
+    if k.shape[seq_dim] != v.shape[seq_dim]:
+        raise ValueError(f"k and v must have the same sequence length, got {k.shape[seq_dim]} and {v.shape[seq_dim]}")
+    check_heads(q.shape[head_dim], k.shape[head_dim], v.shape[head_dim])
+    _check_kernel_head_dim(q)
+    left, right = normalize_window(window, causal)
+    scale = check_scale(scale, q.shape[-1])
+    if layout == "bhsd":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    out, lse = torch.ops.sparsek.fmha_fwd(q, k, v, None, None, q.shape[1], k.shape[1], scale, left, right, return_lse)
+    if layout == "bhsd":
+        out = out.transpose(1, 2)
+    return (out, lse) if return_lse else out
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    window: tuple[int, int] | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention over a packed batch of variable-length sequences (FlashAttention's ``varlen`` convention).
+
+    Args:
+        q: ``[total_q, heads_q, head_dim]``, the sequences' queries concatenated.
+        k: ``[total_k, heads_kv, head_dim]``.
+        v: ``[total_k, heads_kv, head_dim]``.
+        cu_seqlens_q: int32 ``[batch + 1]`` prefix sums of the query lengths (starts at 0, ends at ``total_q``).
+        cu_seqlens_k: int32 ``[batch + 1]`` prefix sums of the key lengths.
+        max_seqlen_q: the longest query sequence (an upper bound is fine).
+        max_seqlen_k: the longest key sequence (an upper bound is fine).
+        causal: per-sequence bottom-right causal mask, as in [`attention`][sparsek.attention].
+        scale: softmax scale, default ``head_dim ** -0.5``.
+        window: ``(left, right)`` sliding window, as in [`attention`][sparsek.attention].
+        return_lse: also return the LSE, float32 ``[heads_q, total_q]``.
+
+    Empty sequences are allowed. The cu_seqlens values are checked on the host, except while a CUDA graph is
+    captured or ``torch.compile`` traces (no device sync is allowed there).
+    """
+    check_qkv(q, k, v, ndim=3)
+    if k.shape[0] != v.shape[0]:
+        raise ValueError(f"k and v must have the same total length, got {k.shape[0]} and {v.shape[0]}")
+    check_heads(q.shape[1], k.shape[1], v.shape[1])
+    _check_kernel_head_dim(q)
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        check_tensor(name, cu, 1)
+        if cu.dtype != torch.int32:
+            raise TypeError(f"{name} must be int32, got {cu.dtype}")
+    if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0]:
+        raise ValueError(
+            f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), "
+            f"got {cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}"
+        )
+    for name, n in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if int(n) < 0:
+            raise ValueError(f"{name} must be >= 0, got {n}")
+    if not _capturing_or_compiling():
+        check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
+        check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+        lens_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item() if cu_seqlens_q.numel() > 1 else 0
+        lens_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max().item() if cu_seqlens_k.numel() > 1 else 0
+        if lens_q > max_seqlen_q or lens_k > max_seqlen_k:
+            raise ValueError(
+                f"max_seqlen_q/max_seqlen_k ({max_seqlen_q}, {max_seqlen_k}) are smaller than the longest "
+                f"sequences in cu_seqlens ({lens_q}, {lens_k})"
+            )
+    left, right = normalize_window(window, causal)
+    scale = check_scale(scale, q.shape[-1])
+    out, lse = torch.ops.sparsek.fmha_fwd(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale, left, right, return_lse
+    )
+    return (out, lse) if return_lse else out

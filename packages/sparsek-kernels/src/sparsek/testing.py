@@ -1,0 +1,58 @@
+"""Test utilities and the pytest plugin shared by all sparsek packages (``-p sparsek.testing``).
+
+The plugin skips tests marked ``gpu`` when no CUDA device is present, and tests marked ``sm90``/``sm100`` unless the
+current GPU is of that architecture. The helpers give the project's one definition of the error metric.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative error ``‖out − ref‖ / ‖ref‖`` computed in float64 (NaN anywhere gives ``inf``)."""
+    out64, ref64 = out.detach().to(torch.float64).cpu(), ref.detach().to(torch.float64).cpu()
+    if not torch.isfinite(out64).all():
+        return float("inf")
+    denom = ref64.norm().item()
+    diff = (out64 - ref64).norm().item()
+    return diff if denom == 0 else diff / denom
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """Relative-error tolerance for a kernel computing in ``dtype`` against a float32 reference."""
+    return {torch.float16: 3e-3, torch.bfloat16: 2e-2}.get(dtype, 1e-5)
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill ``t`` with NaN so that any element a kernel forgets to write is caught."""
+    return t.fill_(float("nan"))
+
+
+def cuda_arch() -> str | None:
+    """``"sm90"``, ``"sm100"`` etc. for the current CUDA device, or None without one."""
+    if not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    return f"sm{major}{minor}" if minor else f"sm{major}0"
+
+
+def pytest_configure(config) -> None:  # pragma: no cover - exercised by pytest itself
+    for name, text in (
+        ("gpu", "needs a CUDA GPU; skipped without one"),
+        ("sm90", "needs a Hopper GPU (sm_90)"),
+        ("sm100", "needs a Blackwell GPU (sm_100)"),
+    ):
+        config.addinivalue_line("markers", f"{name}: {text}")
+
+
+def pytest_collection_modifyitems(config, items) -> None:  # pragma: no cover - exercised by pytest itself
+    import pytest
+
+    arch = cuda_arch()
+    for item in items:
+        if arch is None and any(item.iter_markers(m) for m in ("gpu", "sm90", "sm100")):
+            item.add_marker(pytest.mark.skip(reason="no CUDA GPU"))
+        for want in ("sm90", "sm100"):
+            if arch is not None and any(item.iter_markers(want)) and arch != want:
+                item.add_marker(pytest.mark.skip(reason=f"needs {want}, this GPU is {arch}"))
