@@ -22,6 +22,10 @@ class SkFmhaParams(ctypes.Structure):
     _fields_ = [
         ("q", _ptr), ("k", _ptr), ("v", _ptr), ("o", _ptr), ("lse", _ptr),
         ("cu_seqlens_q", _ptr), ("cu_seqlens_k", _ptr), ("seqused_k", _ptr), ("block_table", _ptr),
+        ("kv_indices", _ptr), ("kv_counts", _ptr),
+        ("kv_indices_batch_stride", _i64), ("kv_indices_head_stride", _i64), ("kv_indices_block_stride", _i64),
+        ("kv_counts_batch_stride", _i64), ("kv_counts_head_stride", _i64),
+        ("index_block_q", _i32), ("pad0", _i32),
         ("q_batch_stride", _i64), ("q_row_stride", _i64), ("q_head_stride", _i64),
         ("k_batch_stride", _i64), ("k_row_stride", _i64), ("k_head_stride", _i64),
         ("v_batch_stride", _i64), ("v_row_stride", _i64), ("v_head_stride", _i64),
@@ -103,11 +107,16 @@ def fmha_fwd(
     scale: float,
     window_left: int,
     window_right: int,
+    kv_indices: torch.Tensor | None = None,
+    kv_counts: torch.Tensor | None = None,
+    index_block_q: int = 64,
 ) -> None:
     """Launch the FMHA kernel on the current stream.
 
     Dense tensors are ``[B, S, H, D]`` (any strides with a unit last stride); varlen/paged ones are
-    ``[total, H, D]`` (or ``[num_pages, page_size, H, D]`` for paged K/V).
+    ``[total, H, D]`` (or ``[num_pages, page_size, H, D]`` for paged K/V). Index-list (sparse) mode:
+    ``kv_indices`` int32 ``[B, Hkv, num_q_blocks, max_n]`` and ``kv_counts`` int32 ``[B, Hkv, num_q_blocks]``,
+    semantics in ``csrc/sparsek_abi.h``. All tensors must be on ``q``'s device; no checks happen here.
     """
     lib = load(q.device)
     paged = block_table is not None
@@ -134,6 +143,10 @@ def fmha_fwd(
     p = SkFmhaParams(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse_ptr,
         _ptr_of(cu_seqlens_q), _ptr_of(cu_seqlens_k), _ptr_of(seqused_k), _ptr_of(block_table),
+        _ptr_of(kv_indices), _ptr_of(kv_counts),
+        *(kv_indices.stride()[:3] if kv_indices is not None else (0, 0, 0)),
+        *(kv_counts.stride()[:2] if kv_counts is not None else (0, 0)),
+        index_block_q, 0,
         qb, qr, qh, kb, kr, kh, vb, vr, vh, ob, orr, oh, lb, lh,
         block_table.stride(0) if paged else 0,
         batch, q.shape[-2], k.shape[-2], max_seqlen_q, max_seqlen_k, q.shape[-1],

@@ -23,6 +23,16 @@ typedef struct {
   const int32_t* cu_seqlens_k;
   const int32_t* seqused_k;
   const int32_t* block_table;
+  // Index-list (sparse) mode, kv_indices != NULL: queries [m*index_block_q, (m+1)*index_block_q) of sequence b,
+  // kv head h, attend the key positions kv_indices[b, h, m, :kv_counts[b, h, m]] (-1 entries skipped; a listed key
+  // j is masked only by j <= pos + window_right when window_right >= 0), plus, when window_left >= 0, their own band
+  // [pos - window_left, pos + window_right]. Listed keys must not repeat and must lie outside the band.
+  const int32_t* kv_indices;
+  const int32_t* kv_counts;
+  int64_t kv_indices_batch_stride, kv_indices_head_stride, kv_indices_block_stride;
+  int64_t kv_counts_batch_stride, kv_counts_head_stride;
+  int32_t index_block_q;  // 64 or 128
+  int32_t pad0;
   int64_t q_batch_stride, q_row_stride, q_head_stride;
   int64_t k_batch_stride, k_row_stride, k_head_stride;
   int64_t v_batch_stride, v_row_stride, v_head_stride;

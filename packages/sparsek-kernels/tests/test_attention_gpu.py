@@ -1,0 +1,121 @@
+"""GPU tests of the dense FMHA kernel against the float32 reference (run on an H100 via `nox -s "gpu(arch='sm90')"`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sparsek
+from sparsek.reference import attention_ref, varlen_attention_ref
+from sparsek.testing import rel_error, tolerance
+
+pytestmark = pytest.mark.gpu
+DEV = "cuda"
+
+
+def _rand(*shape, dtype):
+    return torch.randn(*shape, device=DEV, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sq,sk", [(1, 1), (17, 17), (128, 128), (300, 300), (1, 1000), (77, 513), (513, 77), (1000, 4097)])
+def test_dense_matches_reference(dtype, d, causal, sq, sk):
+    torch.manual_seed(sq * 7 + sk)
+    q, k, v = _rand(2, sq, 4, d, dtype=dtype), _rand(2, sk, 4, d, dtype=dtype), _rand(2, sk, 4, d, dtype=dtype)
+    out, lse = sparsek.attention(q, k, v, causal=causal, return_lse=True)
+    ref, ref_lse = attention_ref(q.float(), k.float(), v.float(), causal=causal, return_lse=True)
+    assert rel_error(out, ref) < tolerance(dtype)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert (lse[finite] - ref_lse[finite]).abs().max().item() < 1e-2
+    if causal and sq > sk:  # rows that see no key: zero output
+        assert out[:, : sq - sk].abs().max().item() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hq,hk", [(8, 1), (8, 2), (6, 3)])
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+def test_gqa_layouts(dtype, hq, hk, layout):
+    b, s, d = 2, 333, 128
+    shape = (lambda h: (b, s, h, d)) if layout == "bshd" else (lambda h: (b, h, s, d))
+    q, k, v = _rand(*shape(hq), dtype=dtype), _rand(*shape(hk), dtype=dtype), _rand(*shape(hk), dtype=dtype)
+    out = sparsek.attention(q, k, v, causal=True, layout=layout)
+    ref = attention_ref(q.float(), k.float(), v.float(), causal=True, layout=layout)
+    assert out.shape == q.shape
+    assert rel_error(out, ref) < tolerance(dtype)
+
+
+@pytest.mark.parametrize("window,causal", [((32, 0), True), ((100, 50), False), ((0, 0), False), ((-1, 7), False)])
+@pytest.mark.parametrize("d", [64, 128])
+def test_sliding_window(window, causal, d):
+    dtype = torch.bfloat16
+    q, k, v = _rand(1, 517, 8, d, dtype=dtype), _rand(1, 600, 8, d, dtype=dtype), _rand(1, 600, 8, d, dtype=dtype)
+    out = sparsek.attention(q, k, v, causal=causal, window=window)
+    ref = attention_ref(q.float(), k.float(), v.float(), causal=causal, window=window)
+    assert rel_error(out, ref) < tolerance(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d", [64, 128])
+def test_varlen_odd_lengths(dtype, causal, d):
+    lens_q = [1, 17, 0, 1000, 4097, 5]
+    lens_k = [1, 17, 3, 1000, 4097, 300]
+    cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
+    cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
+    q = _rand(sum(lens_q), 8, d, dtype=dtype)
+    k, v = _rand(sum(lens_k), 2, d, dtype=dtype), _rand(sum(lens_k), 2, d, dtype=dtype)
+    out, lse = sparsek.varlen_attention(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal, return_lse=True)
+    ref, ref_lse = varlen_attention_ref(q.float(), k.float(), v.float(), cu_q, cu_k, causal=causal, return_lse=True)
+    assert rel_error(out, ref) < tolerance(dtype)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert (lse[finite] - ref_lse[finite]).abs().max().item() < 1e-2
+
+
+def test_every_output_written():
+    """Poisoned output buffers: the op allocates fresh memory, so fill the caching allocator with NaN first."""
+    junk = torch.full((64 << 20,), float("nan"), device=DEV, dtype=torch.float16)
+    del junk
+    q = _rand(3, 255, 4, 64, dtype=torch.float16)
+    out = sparsek.attention(q, q, q, causal=True)
+    assert torch.isfinite(out).all()
+
+
+def test_torch_compile_fullgraph():
+    q, k, v = (_rand(2, 200, 4, 128, dtype=torch.bfloat16) for _ in range(3))
+    f = torch.compile(lambda a, b, c: sparsek.attention(a, b, c, causal=True) * 2, fullgraph=True)
+    ref = attention_ref(q.float(), k.float(), v.float(), causal=True) * 2
+    assert rel_error(f(q, k, v), ref) < tolerance(torch.bfloat16)
+
+
+def test_cuda_graph_capture_and_stream():
+    q, k, v = (_rand(1, 512, 8, 64, dtype=torch.float16) for _ in range(3))
+    sparsek.attention(q, k, v)  # build + warm up
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = sparsek.attention(q, k, v, causal=True)
+    for _ in range(2):
+        q.copy_(torch.randn_like(q))
+        g.replay()
+        torch.cuda.synchronize()
+        assert rel_error(out, attention_ref(q.float(), k.float(), v.float(), causal=True)) < tolerance(torch.float16)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        out2 = sparsek.attention(q, k, v)
+    side.synchronize()
+    assert rel_error(out2, attention_ref(q.float(), k.float(), v.float())) < tolerance(torch.float16)
+
+
+def test_unsupported_head_dim_raises():
+    q = _rand(1, 8, 2, 40, dtype=torch.float16)
+    with pytest.raises(ValueError, match="head dim 40"):
+        sparsek.attention(q, q, q)
+
+
+def test_fp32_rejected_on_gpu():
+    q = torch.randn(1, 8, 2, 64, device=DEV)
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        sparsek.attention(q, q, q)

@@ -1,0 +1,182 @@
+#!/usr/bin/env python3
+"""Benchmark sparsek's dense attention against PyTorch SDPA (flash, cuDNN) and FlexAttention in one process.
+
+Kernel time: median over CUDA-graph replays (20 calls captured per graph, many replays), so launch gaps vanish.
+Eager time: wall time per call of the Python function in a loop (includes launch and Python overhead).
+Writes a Markdown table (and a PNG plot when matplotlib is present) to --out.
+
+    python tools/bench_attention.py --out bench_out
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import sparsek
+
+SHAPES = [  # dtype, B, H, S, D, causal  (the anchor shapes of docs/benchmarks.md)
+    ("fp16", 1, 8, 512, 64, False),
+    ("fp16", 16, 8, 512, 64, False),
+    ("fp16", 1, 96, 512, 64, False),
+    ("fp16", 4, 16, 2048, 64, False),
+    ("fp16", 4, 16, 2048, 128, False),
+    ("fp16", 2, 16, 8192, 64, False),
+    ("fp16", 2, 16, 8192, 128, False),
+    ("fp16", 2, 16, 8192, 128, True),
+    ("fp16", 1, 32, 16384, 128, True),
+    ("bf16", 4, 16, 2048, 128, False),
+    ("bf16", 2, 16, 8192, 128, False),
+    ("bf16", 2, 16, 8192, 128, True),
+    ("bf16", 1, 32, 16384, 128, True),
+]
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def graph_time_us(fn, calls: int = 20, replays: int = 30) -> float:
+    """Median kernel time per call from CUDA-graph replays."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1000 / calls)
+    return statistics.median(times)
+
+
+def eager_time_us(fn, iters: int = 200) -> float:
+    """Median wall time per call over batches of eager calls (synchronizing per batch)."""
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    res = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+        res.append((time.perf_counter() - t0) * 1e6 / iters)
+    return statistics.median(res)
+
+
+def backends(q, k, v, causal):
+    """name -> zero-argument callable for every backend available here ([B, H, S, D] inputs)."""
+    qs, ks, vs = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # bshd for sparsek
+    fns = {"sparsek": lambda: sparsek.attention(qs, ks, vs, causal=causal)}
+
+    def sdpa(backend):
+        def run():
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+        return run
+
+    fns["sdpa-flash"] = sdpa(SDPBackend.FLASH_ATTENTION)
+    fns["sdpa-cudnn"] = sdpa(SDPBackend.CUDNN_ATTENTION)
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        flex = torch.compile(flex_attention, dynamic=False)
+        bm = None
+        if causal:
+            bm = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, q.shape[2], k.shape[2], device="cuda")
+        fns["flex"] = lambda: flex(q, k, v, block_mask=bm)
+    except Exception as e:  # pragma: no cover - depends on the installed torch
+        print(f"flex attention unavailable: {e}")
+    return fns
+
+
+def flops(b, h, s, d, causal):
+    f = 4 * b * h * s * s * d
+    return f / 2 if causal else f
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("bench_out"))
+    ap.add_argument("--quick", action="store_true", help="only the small latency shapes")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    gpu = torch.cuda.get_device_name()
+    header = (
+        f"GPU: {gpu}; torch {torch.__version__}; sparsek {sparsek.__version__}; "
+        f"{datetime.date.today().isoformat()}. Kernel time = median of CUDA-graph replays (20 calls per graph); "
+        "eager = wall time per Python call. TFLOP/s = 4·B·H·S²·D (halved for causal) / kernel time.\n"
+    )
+    rows = []
+    for name, b, h, s, d, causal in SHAPES if not args.quick else SHAPES[:3]:
+        dtype = DTYPES[name]
+        q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=dtype) for _ in range(3))
+        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal)
+        for bname, fn in backends(q, k, v, causal).items():
+            try:
+                out = fn()
+                if bname == "sparsek":
+                    out = out.transpose(1, 2)
+                err = ((out.float() - ref).norm() / ref.norm()).item()
+                us = graph_time_us(fn)
+                eager = eager_time_us(fn) if s <= 512 else float("nan")
+            except Exception as e:  # a backend that cannot run this shape
+                print(f"{bname} failed on {name} {b},{h},{s},{d} causal={causal}: {type(e).__name__}: {e}")
+                continue
+            tf = flops(b, h, s, d, causal) / us / 1e6
+            rows.append((name, b, h, s, d, causal, bname, us, eager, tf, err))
+            print(f"{name} B={b} H={h} S={s} D={d} causal={causal} {bname:11s} {us:9.2f} us {tf:7.1f} TFLOP/s "
+                  f"eager {eager:8.2f} us err {err:.1e}", flush=True)
+        del q, k, v, ref
+    lines = [header, "| dtype | B,H,S,D | causal | backend | kernel us | TFLOP/s | eager us | rel err |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, b, h, s, d, causal, bname, us, eager, tf, err in rows:
+        eager_s = "" if eager != eager else f"{eager:.1f}"
+        lines.append(f"| {name} | {b},{h},{s},{d} | {'yes' if causal else 'no'} | {bname} | {us:.2f} | {tf:.0f} | "
+                     f"{eager_s} | {err:.1e} |")
+    table = "\n".join(lines) + "\n"
+    (args.out / "bench_attention.md").write_text(table)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        labels = sorted({(n, b, h, s, d, c) for n, b, h, s, d, c, *_ in rows}, key=lambda x: SHAPES.index(x))
+        names = ["sparsek", "sdpa-flash", "sdpa-cudnn", "flex"]
+        fig, ax = plt.subplots(figsize=(14, 5))
+        width = 0.2
+        for i, bn in enumerate(names):
+            vals = [next((r[9] for r in rows if tuple(r[:6]) == lab and r[6] == bn), 0) for lab in labels]
+            ax.bar([x + i * width for x in range(len(labels))], vals, width, label=bn)
+        ax.set_xticks([x + 1.5 * width for x in range(len(labels))])
+        ax.set_xticklabels([f"{n}\n{b},{h},{s},{d}\n{'causal' if c else ''}" for n, b, h, s, d, c in labels], fontsize=7)
+        ax.set_ylabel("TFLOP/s")
+        ax.set_title(f"Attention forward on {gpu}")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.out / "bench_attention.png", dpi=110)
+    except ImportError:
+        pass
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Build, test and benchmark sparsek on a CUDA machine in one go; prints a short table last.
+#   bash tools/gpu_check.sh [stage ...]     stages: build tests bench bench-quick extra (default: build tests bench)
+# Logs and tables go to $OUT (default ./gpu_out). Uses the source tree directly (PYTHONPATH), so nothing is installed.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+export SPARSEK_CACHE_DIR=${SPARSEK_CACHE_DIR:-$PWD/.sk_cache}
+SRC=packages/sparsek-kernels/src:packages/sparsek-xformers/src:packages/sparsek-vllm/src:packages/sparsek-flashcore-compat/src
+export PYTHONPATH=$SRC${PYTHONPATH:+:$PYTHONPATH}
+PY=${PYTHON:-python3}
+stages=${*:-build tests bench}
+summary=()
+
+has() { [[ " $stages " == *" $1 "* ]]; }
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+$PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' | tee -a "$OUT/gpu.txt"
+
+if has build; then
+  t0=$(date +%s)
+  $PY -m sparsek.cli build --arch sm90a --verbose >"$OUT/build.log" 2>&1
+  rc=$?
+  lib=$(ls "$SPARSEK_CACHE_DIR"/*sm90a/libsparsek.so 2>/dev/null | head -1)
+  grep -E "registers|spill" "$OUT/build.log" | sort | uniq -c | sort -rn | head -20 >"$OUT/resources.txt"
+  if [ -n "$lib" ]; then
+    cuobjdump --dump-sass "$lib" >"$OUT/sass.txt" 2>&1
+    summary+=("build rc=$rc in $(( $(date +%s) - t0 ))s; SASS: HGMMA=$(grep -c HGMMA "$OUT/sass.txt") HMMA=$(grep -c HMMA "$OUT/sass.txt") LDL=$(grep -c 'LDL' "$OUT/sass.txt") STL=$(grep -c 'STL' "$OUT/sass.txt")")
+  else
+    summary+=("build FAILED rc=$rc (see build.log)")
+    tail -30 "$OUT/build.log"
+  fi
+  grep -E "spill" "$OUT/build.log" | grep -v " 0 bytes spill stores, 0 bytes spill loads" | head
+fi
+
+if has tests; then
+  $PY -m pytest packages -m "gpu or sm90" -q -p no:cacheprovider --junitxml="$OUT/junit.xml" >"$OUT/pytest.log" 2>&1
+  summary+=("gpu tests: $(tail -1 "$OUT/pytest.log")")
+  grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -40
+fi
+
+if has bench-quick; then
+  $PY tools/bench_attention.py --quick --out "$OUT" >"$OUT/bench.log" 2>&1 || tail -20 "$OUT/bench.log"
+fi
+if has bench; then
+  $PY tools/bench_attention.py --out "$OUT" >"$OUT/bench.log" 2>&1 || tail -20 "$OUT/bench.log"
+fi
+if has extra; then
+  for b in packages/*/benchmarks/*.py; do
+    [ -f "$b" ] || continue
+    name=$(basename "$b" .py)
+    timeout 240 $PY "$b" --out "$OUT" >"$OUT/$name.log" 2>&1
+    summary+=("$name rc=$?")
+  done
+fi
+
+echo "================ summary ================"
+cat "$OUT/gpu.txt"
+[ -f "$OUT/resources.txt" ] && cat "$OUT/resources.txt"
+for s in "${summary[@]}"; do echo "$s"; done
+[ -f "$OUT/bench_attention.md" ] && grep -E "sparsek|sdpa-cudnn" "$OUT/bench_attention.md" | cut -c1-110
+exit 0
