@@ -116,6 +116,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("bench_out"))
     ap.add_argument("--quick", action="store_true", help="only the small latency shapes")
+    ap.add_argument("--backends", default="sparsek,sdpa-flash,sdpa-cudnn,flex", help="comma-separated subset")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.get_device_name()
@@ -130,6 +131,8 @@ def main() -> None:
         q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=dtype) for _ in range(3))
         ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal)
         for bname, fn in backends(q, k, v, causal).items():
+            if bname not in args.backends.split(","):
+                continue
             try:
                 out = fn()
                 if bname == "sparsek":

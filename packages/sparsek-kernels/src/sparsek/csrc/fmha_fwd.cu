@@ -2,6 +2,7 @@
 // raises the dynamic shared-memory limit once per instantiation and launches on the caller's stream.
 #include <cuda_runtime.h>
 
+#include <cstdlib>
 #include <mutex>
 
 #include "fmha_kernel.cuh"
@@ -41,12 +42,23 @@ static int num_sms() {
   return n;
 }
 
+// SPARSEK_FMHA_TILE=64|128 forces the query tile size (a tuning knob for benchmarks; 0/unset = heuristic).
+static int tile_override() {
+  static const int v = [] {
+    const char* e = std::getenv("SPARSEK_FMHA_TILE");
+    return e ? std::atoi(e) : 0;
+  }();
+  return v;
+}
+
 template <typename T>
 static cudaError_t dispatch(const SkFmhaParams& p, cudaStream_t stream) {
   // Small grids leave SMs idle with 128-row tiles: use 64-row tiles when 128 would give under two waves.
   bool small_tiles;
   if (p.kv_indices) {
     small_tiles = p.index_block_q == 64;
+  } else if (tile_override() != 0) {
+    small_tiles = tile_override() == 64;
   } else {
     const long blocks128 = (long)((p.seqlen_q + 127) / 128) * p.heads_q * p.batch;
     small_tiles = blocks128 < 2L * num_sms();

@@ -91,6 +91,7 @@ struct FmhaTraits {
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kChunks = kD / 8;  // 16-byte chunks per row
   static constexpr bool kQInRegs = kD <= 128;
+  static constexpr int kMinBlocks = (kBM == 64 && kD <= 128) ? 2 : 1;  // CTAs per SM the register cap aims for
   static constexpr int kSmemBytes = (kBM * kD + 4 * kBN * kD) * 2 + 2 * kBN * 4;
   static_assert(kD % 64 == 0, "head dim must be a multiple of 64 for the swizzle");
   static_assert(kBN % 16 == 0, "kBN must be a multiple of 16");
@@ -101,7 +102,7 @@ struct SeqInfo {
 };
 
 template <typename Tr>
-__global__ void __launch_bounds__(Tr::kThreads, 1) fmha_fwd_kernel(const SkFmhaParams p) {
+__global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) fmha_fwd_kernel(const SkFmhaParams p) {
   using T = typename Tr::T;
   constexpr int kD = Tr::kD, kBM = Tr::kBM, kBN = Tr::kBN, kChunks = Tr::kChunks;
   constexpr int kNT = kBN / 8;  // n8 tiles of S
