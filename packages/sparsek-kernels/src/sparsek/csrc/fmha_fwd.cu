@@ -15,9 +15,10 @@ enum SkError : int {
   kErrBadHeads = -3,
 };
 
-template <int kD, int kBM, int kBN, typename T>
+template <int kD, int kWarps, int kMT, int kBN, typename T>
 static cudaError_t launch(const SkFmhaParams& p, cudaStream_t stream) {
-  using Tr = FmhaTraits<kD, kBM, kBN, T>;
+  using Tr = FmhaTraits<kD, kWarps, kMT, kBN, T>;
+  constexpr int kBM = Tr::kBM;
   auto kernel = fmha_fwd_kernel<Tr>;
   static std::once_flag once;
   static cudaError_t attr_err = cudaSuccess;
@@ -65,12 +66,12 @@ static cudaError_t dispatch(const SkFmhaParams& p, cudaStream_t stream) {
   }
   switch (p.head_dim) {
     case 64:
-      return small_tiles ? launch<64, 64, 64, T>(p, stream) : launch<64, 128, 64, T>(p, stream);
+      return small_tiles ? launch<64, 4, 1, 64, T>(p, stream) : launch<64, 4, 2, 64, T>(p, stream);
     case 128:
-      return small_tiles ? launch<128, 64, 64, T>(p, stream) : launch<128, 128, 64, T>(p, stream);
+      return small_tiles ? launch<128, 4, 1, 64, T>(p, stream) : launch<128, 4, 2, 32, T>(p, stream);
     case 256:
       if (p.kv_indices && p.index_block_q != 64) return (cudaError_t)kErrBadIndexBlock;
-      return launch<256, 64, 32, T>(p, stream);
+      return launch<256, 4, 1, 32, T>(p, stream);
     default:
       return (cudaError_t)kErrBadHeadDim;
   }

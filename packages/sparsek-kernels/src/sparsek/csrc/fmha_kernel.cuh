@@ -1,6 +1,7 @@
 // FlashAttention-2 style forward kernel on mma.sync tensor cores (sm_80+, built for sm_90a and sm_100a).
 //
-// One CTA computes kBM query rows of one (sequence, query head); each warp owns 16 rows. K/V tiles of kBN keys are
+// One CTA computes kBM query rows of one (sequence, query head); each warp owns 16 * kMT rows, so every K/V
+// fragment read from shared memory feeds kMT MMAs. K/V tiles of kBN keys are
 // streamed through a two-stage cp.async pipeline into XOR-swizzled shared memory and consumed with ldmatrix +
 // m16n8k16 MMAs; the softmax is computed online in registers (base-2 exponentials, FA2 lazy row sums).
 //
@@ -81,17 +82,19 @@ __device__ __forceinline__ int swz(int row, int chunk) {
   return row * kD + ((chunk ^ (row & 7)) << 3);
 }
 
-template <int kD_, int kBM_, int kBN_, typename T_>
+// kD head dim, kWarps warps of kMT m16 tiles each (kBM = 16 * kMT * kWarps query rows), kBN keys per tile.
+template <int kD_, int kWarps_, int kMT_, int kBN_, typename T_>
 struct FmhaTraits {
   using T = T_;
   static constexpr int kD = kD_;
-  static constexpr int kBM = kBM_;
+  static constexpr int kWarps = kWarps_;
+  static constexpr int kMT = kMT_;
+  static constexpr int kBM = 16 * kMT * kWarps;
   static constexpr int kBN = kBN_;
-  static constexpr int kWarps = kBM / 16;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kChunks = kD / 8;  // 16-byte chunks per row
-  static constexpr bool kQInRegs = kD <= 128;
-  static constexpr int kMinBlocks = (kBM == 64 && kD <= 128) ? 2 : 1;  // CTAs per SM the register cap aims for
+  static constexpr bool kQInRegs = kD * kMT <= 128;  // keep Q fragments in registers when they fit
+  static constexpr int kMinBlocks = 1;
   static constexpr int kSmemBytes = (kBM * kD + 4 * kBN * kD) * 2 + 2 * kBN * 4;
   static_assert(kD % 64 == 0, "head dim must be a multiple of 64 for the swizzle");
   static_assert(kBN % 16 == 0, "kBN must be a multiple of 16");
@@ -225,24 +228,35 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) fmha_fwd_kernel(
   if (n_tiles > 0) load_kv(0, 0);
   cp_async_commit();
 
-  // ---- per-thread state ----------------------------------------------------------------------------------------
-  float acc_o[kDT][4];
+  // ---- per-thread state: kMT m16 tiles per warp; row index r = 2 * mt + half (half 0: row g, 1: row g + 8) ----
+  constexpr int kMT = Tr::kMT;
+  float acc_o[kMT][kDT][4];
 #pragma unroll
-  for (int i = 0; i < kDT; ++i) acc_o[i][0] = acc_o[i][1] = acc_o[i][2] = acc_o[i][3] = 0.f;
-  float row_max[2] = {-INFINITY, -INFINITY};
-  float row_sum[2] = {0.f, 0.f};
-  const int row0 = warp * 16 + g;  // this thread's rows in the block: row0 and row0 + 8
-  const int qpos0 = m0 + row0 + off, qpos1 = qpos0 + 8;
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int i = 0; i < kDT; ++i) acc_o[mt][i][0] = acc_o[mt][i][1] = acc_o[mt][i][2] = acc_o[mt][i][3] = 0.f;
+  float row_max[2 * kMT], row_sum[2 * kMT];
+  int qpos[2 * kMT];
+  const int warp_row = warp * 16 * kMT;  // first row of this warp in the block
+#pragma unroll
+  for (int r = 0; r < 2 * kMT; ++r) {
+    row_max[r] = -INFINITY;
+    row_sum[r] = 0.f;
+    qpos[r] = m0 + warp_row + (r >> 1) * 16 + (r & 1) * 8 + g + off;
+  }
 
-  uint32_t q_frag[Tr::kQInRegs ? kD / 16 : 1][4];
-  const int a_row = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;  // ldmatrix row for A fragments
+  uint32_t q_frag[Tr::kQInRegs ? kMT : 1][Tr::kQInRegs ? kD / 16 : 1][4];
+  const int a_row = warp_row + (lane & 7) + ((lane >> 3) & 1) * 8;  // ldmatrix row for A fragments (+16 per mt)
   const int a_chunk_hi = lane >> 4;
 
   cp_async_wait_all();
   __syncthreads();
   if constexpr (Tr::kQInRegs) {
 #pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) ldmatrix_x4(q_frag[kk], smem_u32(sQ + swz<kD>(a_row, 2 * kk + a_chunk_hi)));
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int kk = 0; kk < kD / 16; ++kk)
+        ldmatrix_x4(q_frag[mt][kk], smem_u32(sQ + swz<kD>(a_row + 16 * mt, 2 * kk + a_chunk_hi)));
   }
 
   for (int tile = 0; tile < n_tiles; ++tile) {
@@ -257,26 +271,34 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) fmha_fwd_kernel(
     const T* cK = sK + stage * kBN * kD;
     const T* cV = sV + stage * kBN * kD;
 
-    // S = Q K^T
-    float acc_s[kNT][4];
+    // S = Q K^T (each K fragment feeds all kMT m-tiles)
+    float acc_s[kMT][kNT][4];
 #pragma unroll
-    for (int i = 0; i < kNT; ++i) acc_s[i][0] = acc_s[i][1] = acc_s[i][2] = acc_s[i][3] = 0.f;
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int i = 0; i < kNT; ++i) acc_s[mt][i][0] = acc_s[mt][i][1] = acc_s[mt][i][2] = acc_s[mt][i][3] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk) {
-      uint32_t qa[4];
-      if constexpr (Tr::kQInRegs) {
+      uint32_t qa[kMT][4];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) qa[i] = q_frag[kk][i];
-      } else {
-        ldmatrix_x4(qa, smem_u32(sQ + swz<kD>(a_row, 2 * kk + a_chunk_hi)));
+      for (int mt = 0; mt < kMT; ++mt) {
+        if constexpr (Tr::kQInRegs) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) qa[mt][i] = q_frag[mt][kk][i];
+        } else {
+          ldmatrix_x4(qa[mt], smem_u32(sQ + swz<kD>(a_row + 16 * mt, 2 * kk + a_chunk_hi)));
+        }
       }
 #pragma unroll
       for (int np = 0; np < kBN / 16; ++np) {
         uint32_t kb[4];
         const int key = np * 16 + (lane & 7) + (lane >> 4) * 8;
         ldmatrix_x4(kb, smem_u32(cK + swz<kD>(key, 2 * kk + ((lane >> 3) & 1))));
-        mma16816<T>(acc_s[2 * np], qa, kb[0], kb[1]);
-        mma16816<T>(acc_s[2 * np + 1], qa, kb[2], kb[3]);
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          mma16816<T>(acc_s[mt][2 * np], qa[mt], kb[0], kb[1]);
+          mma16816<T>(acc_s[mt][2 * np + 1], qa[mt], kb[2], kb[3]);
+        }
       }
     }
 
@@ -287,103 +309,109 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) fmha_fwd_kernel(
                            (p.window_right >= 0 && tbase + kBN - 1 > pos_min + p.window_right) ||
                            (p.window_left >= 0 && tbase < pos_max - p.window_left);
 #pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
+    for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc_s[nt][e] *= p.scale_log2;
-    }
+      for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc_s[mt][nt][e] *= p.scale_log2;
     if (need_mask) {
       const int* pos = sPos + stage * kBN;
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int j = pos[nt * 8 + 2 * t4 + (e & 1)];
-          const int qp = (e < 2) ? qpos0 : qpos1;
-          bool ok = j >= 0 && (p.window_right < 0 || j <= qp + p.window_right);
-          if (!in_list) ok = ok && (p.window_left < 0 || j >= qp - p.window_left);
-          if (!ok) acc_s[nt][e] = -INFINITY;
+        for (int c = 0; c < 2; ++c) {
+          const int j = pos[nt * 8 + 2 * t4 + c];
+#pragma unroll
+          for (int r = 0; r < 2 * kMT; ++r) {
+            const int qp = qpos[r];
+            bool ok = j >= 0 && (p.window_right < 0 || j <= qp + p.window_right);
+            if (!in_list) ok = ok && (p.window_left < 0 || j >= qp - p.window_left);
+            if (!ok) acc_s[r >> 1][nt][(r & 1) * 2 + c] = -INFINITY;
+          }
         }
       }
     }
 
     // Online softmax.
-    float mx[2] = {row_max[0], row_max[1]};
 #pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
-      mx[0] = fmaxf(mx[0], fmaxf(acc_s[nt][0], acc_s[nt][1]));
-      mx[1] = fmaxf(mx[1], fmaxf(acc_s[nt][2], acc_s[nt][3]));
-    }
+    for (int r = 0; r < 2 * kMT; ++r) {
+      const int mt = r >> 1, e0 = (r & 1) * 2;
+      float mx = row_max[r];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 1));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 2));
-    }
-    float corr[2], base[2];
+      for (int nt = 0; nt < kNT; ++nt) mx = fmaxf(mx, fmaxf(acc_s[mt][nt][e0], acc_s[mt][nt][e0 + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+      const float base = mx == -INFINITY ? 0.f : mx;
+      const float corr = exp2f(row_max[r] - base);
+      row_max[r] = mx;
+      float sum = row_sum[r] * corr;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      base[r] = mx[r] == -INFINITY ? 0.f : mx[r];
-      corr[r] = exp2f(row_max[r] - base[r]);
-      row_max[r] = mx[r];
-      row_sum[r] *= corr[r];
-    }
+      for (int dt = 0; dt < kDT; ++dt) {
+        acc_o[mt][dt][e0] *= corr;
+        acc_o[mt][dt][e0 + 1] *= corr;
+      }
 #pragma unroll
-    for (int dt = 0; dt < kDT; ++dt) {
-      acc_o[dt][0] *= corr[0];
-      acc_o[dt][1] *= corr[0];
-      acc_o[dt][2] *= corr[1];
-      acc_o[dt][3] *= corr[1];
-    }
-#pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
-      acc_s[nt][0] = exp2f(acc_s[nt][0] - base[0]);
-      acc_s[nt][1] = exp2f(acc_s[nt][1] - base[0]);
-      acc_s[nt][2] = exp2f(acc_s[nt][2] - base[1]);
-      acc_s[nt][3] = exp2f(acc_s[nt][3] - base[1]);
-      row_sum[0] += acc_s[nt][0] + acc_s[nt][1];
-      row_sum[1] += acc_s[nt][2] + acc_s[nt][3];
+      for (int nt = 0; nt < kNT; ++nt) {
+        acc_s[mt][nt][e0] = exp2f(acc_s[mt][nt][e0] - base);
+        acc_s[mt][nt][e0 + 1] = exp2f(acc_s[mt][nt][e0 + 1] - base);
+        sum += acc_s[mt][nt][e0] + acc_s[mt][nt][e0 + 1];
+      }
+      row_sum[r] = sum;
     }
 
-    // O += P V
+    // O += P V (each V fragment feeds all kMT m-tiles)
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk) {
-      uint32_t pa[4];
-      pa[0] = Pack2<T>::pack(acc_s[2 * kk][0], acc_s[2 * kk][1]);
-      pa[1] = Pack2<T>::pack(acc_s[2 * kk][2], acc_s[2 * kk][3]);
-      pa[2] = Pack2<T>::pack(acc_s[2 * kk + 1][0], acc_s[2 * kk + 1][1]);
-      pa[3] = Pack2<T>::pack(acc_s[2 * kk + 1][2], acc_s[2 * kk + 1][3]);
+      uint32_t pa[kMT][4];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        pa[mt][0] = Pack2<T>::pack(acc_s[mt][2 * kk][0], acc_s[mt][2 * kk][1]);
+        pa[mt][1] = Pack2<T>::pack(acc_s[mt][2 * kk][2], acc_s[mt][2 * kk][3]);
+        pa[mt][2] = Pack2<T>::pack(acc_s[mt][2 * kk + 1][0], acc_s[mt][2 * kk + 1][1]);
+        pa[mt][3] = Pack2<T>::pack(acc_s[mt][2 * kk + 1][2], acc_s[mt][2 * kk + 1][3]);
+      }
       const int key = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
 #pragma unroll
       for (int dp = 0; dp < kD / 16; ++dp) {
         uint32_t vb[4];
         ldmatrix_x4_trans(vb, smem_u32(cV + swz<kD>(key, 2 * dp + (lane >> 4))));
-        mma16816<T>(acc_o[2 * dp], pa, vb[0], vb[1]);
-        mma16816<T>(acc_o[2 * dp + 1], pa, vb[2], vb[3]);
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          mma16816<T>(acc_o[mt][2 * dp], pa[mt], vb[0], vb[1]);
+          mma16816<T>(acc_o[mt][2 * dp + 1], pa[mt], vb[2], vb[3]);
+        }
       }
     }
   }
   cp_async_wait_all();
 
-  // ---- epilogue: normalize, stage through shared memory (this warp's own 16 rows), store ---------------------------
+  // ---- epilogue: normalize, stage through shared memory (this warp's own rows), store -----------------------------
+  // Each warp read (Q) and now writes (O) only its own rows of sQ, so no CTA barrier is needed here.
+  float inv[2 * kMT];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
+  for (int r = 0; r < 2 * kMT; ++r) {
     row_sum[r] += __shfl_xor_sync(0xffffffff, row_sum[r], 1);
     row_sum[r] += __shfl_xor_sync(0xffffffff, row_sum[r], 2);
+    inv[r] = row_sum[r] > 0.f ? 1.f / row_sum[r] : 0.f;
   }
-  const float inv0 = row_sum[0] > 0.f ? 1.f / row_sum[0] : 0.f;
-  const float inv1 = row_sum[1] > 0.f ? 1.f / row_sum[1] : 0.f;
-  // Each warp read (Q) and now writes (O) only its own 16 rows of sQ, so no CTA barrier is needed here.
+  __syncwarp();
 #pragma unroll
-  for (int dt = 0; dt < kDT; ++dt) {
-    const int col = 2 * t4;
-    *reinterpret_cast<uint32_t*>(sQ + swz<kD>(row0, dt) + col) = Pack2<T>::pack(acc_o[dt][0] * inv0, acc_o[dt][1] * inv0);
-    *reinterpret_cast<uint32_t*>(sQ + swz<kD>(row0 + 8, dt) + col) =
-        Pack2<T>::pack(acc_o[dt][2] * inv1, acc_o[dt][3] * inv1);
+  for (int mt = 0; mt < kMT; ++mt) {
+    const int r0 = warp_row + mt * 16 + g;
+#pragma unroll
+    for (int dt = 0; dt < kDT; ++dt) {
+      const int col = 2 * t4;
+      *reinterpret_cast<uint32_t*>(sQ + swz<kD>(r0, dt) + col) =
+          Pack2<T>::pack(acc_o[mt][dt][0] * inv[2 * mt], acc_o[mt][dt][1] * inv[2 * mt]);
+      *reinterpret_cast<uint32_t*>(sQ + swz<kD>(r0 + 8, dt) + col) =
+          Pack2<T>::pack(acc_o[mt][dt][2] * inv[2 * mt + 1], acc_o[mt][dt][3] * inv[2 * mt + 1]);
+    }
   }
   __syncwarp();
   T* obase = reinterpret_cast<T*>(p.o) + s.b * p.o_batch_stride + (int64_t)s.q_start * p.o_row_stride +
              h * p.o_head_stride;
-  for (int c = lane; c < 16 * kChunks; c += 32) {
-    const int r = warp * 16 + c / kChunks, ch = c % kChunks;
+  for (int c = lane; c < 16 * kMT * kChunks; c += 32) {
+    const int r = warp_row + c / kChunks, ch = c % kChunks;
     if (m0 + r < s.sq) {
       *reinterpret_cast<uint4*>(obase + (int64_t)(m0 + r) * p.o_row_stride + ch * 8) =
           *reinterpret_cast<const uint4*>(sQ + swz<kD>(r, ch));
@@ -392,10 +420,11 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) fmha_fwd_kernel(
   if (p.lse && t4 == 0) {
     constexpr float kLn2 = 0.69314718055994530942f;
     float* lbase = p.lse + s.b * p.lse_batch_stride + h * p.lse_head_stride + s.q_start;
-    if (m0 + row0 < s.sq)
-      lbase[m0 + row0] = row_sum[0] > 0.f ? (row_max[0] + log2f(row_sum[0])) * kLn2 : -INFINITY;
-    if (m0 + row0 + 8 < s.sq)
-      lbase[m0 + row0 + 8] = row_sum[1] > 0.f ? (row_max[1] + log2f(row_sum[1])) * kLn2 : -INFINITY;
+#pragma unroll
+    for (int r = 0; r < 2 * kMT; ++r) {
+      const int row = qpos[r] - off;
+      if (row < s.sq) lbase[row] = row_sum[r] > 0.f ? (row_max[r] + log2f(row_sum[r])) * kLn2 : -INFINITY;
+    }
   }
 }
 

@@ -5,5 +5,26 @@ They compute in float32 (float64 for float64 inputs) and perform no input valida
 """
 
 from .dense import attention_ref, band_mask, masked_softmax_attention, varlen_attention_ref
+from .sparse import (
+    block_mask_from_indices,
+    block_sparse_attention_ref,
+    sparsek_attention_ref,
+    sparsek_mask_ref,
+    sparsek_select_ref,
+    topk_attention_ref,
+    topk_index_mask,
+)
 
-__all__ = ["attention_ref", "band_mask", "masked_softmax_attention", "varlen_attention_ref"]
+__all__ = [
+    "attention_ref",
+    "band_mask",
+    "block_mask_from_indices",
+    "block_sparse_attention_ref",
+    "masked_softmax_attention",
+    "sparsek_attention_ref",
+    "sparsek_mask_ref",
+    "sparsek_select_ref",
+    "topk_attention_ref",
+    "topk_index_mask",
+    "varlen_attention_ref",
+]

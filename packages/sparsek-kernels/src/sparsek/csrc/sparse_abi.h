@@ -1,0 +1,58 @@
+// C ABI of sparsek's sparse-attention kernels (sparse_select.cu, topk_attention.cu). Keep in sync with
+// sparsek/sparse.py (ctypes). All functions return 0 (cudaSuccess) or a cudaError_t; they never abort and launch on
+// the stream passed in.
+#pragma once
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// Version of this header's ABI (sparse.py refuses a library with another one).
+int sk_sparse_abi_version(void);
+
+// Top-k selection (radix select per row), for B*H groups of R rows.
+// Row r of group (b, h) selects among keys [0, L_r), L_r = clamp(off + r*step, 0, Sk), the k best by
+// (score descending, position ascending); -inf scores are never selected. Scores of key j:
+//   scores[b*score_batch_stride + h*score_head_stride + r*score_row_stride + j]  (float32, unit key stride;
+//   score_row_stride = 0: one score vector shared by all rows, the SparseK per-key case, which reuses the
+//   previous rows' selection: topk([0, L_r)) is a subset of topk([0, L_r0)) + [L_r0, L_r) for r >= r0).
+// Output: out_indices [B, H, R, k] int32 contiguous, positions ascending, -1 padded; out_counts [B, H, R].
+int sk_topk_select(const float* scores, int64_t score_batch_stride, int64_t score_head_stride,
+                   int64_t score_row_stride, int32_t batch, int32_t heads, int32_t rows, int32_t seqlen_k, int32_t k,
+                   int32_t off, int32_t step, int32_t* out_indices, int32_t* out_counts, void* stream);
+
+// Per-query top-k attention forward (gather kernel). Query i of batch b (position pos = i + Sk - Sq) and every
+// query head of KV head h = hq / (Hq / Hkv) attend:
+//   the band [pos - window + 1, pos] (window > 0), and
+//   the listed keys j = indices[b*idx_batch_stride + h*idx_head_stride + i*idx_row_stride + t], t < num_indices,
+//   skipping j < 0, j >= Sk, j > pos (causal != 0) and j inside the band (counted once).
+// q/o: [B, Sq, Hq, D], k/v: [B, Sk, Hkv, D] (strides in elements, unit last stride); fp16 or bf16; D = 64 or 128.
+// lse (optional, float32): lse[b*lse_batch_stride + hq*lse_head_stride + i], natural log; -inf and o = 0 for a
+// query that sees no key.
+typedef struct {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* o;
+  float* lse;
+  const int32_t* indices;
+  int64_t q_batch_stride, q_row_stride, q_head_stride;
+  int64_t k_batch_stride, k_row_stride, k_head_stride;
+  int64_t v_batch_stride, v_row_stride, v_head_stride;
+  int64_t o_batch_stride, o_row_stride, o_head_stride;
+  int64_t lse_batch_stride, lse_head_stride;
+  int64_t idx_batch_stride, idx_head_stride, idx_row_stride;
+  int32_t batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, num_indices;
+  int32_t window;
+  int32_t causal;
+  int32_t is_bf16;
+  float scale_log2;  // softmax scale * log2(e)
+  int32_t pad0;
+} SkTopkAttnParams;
+
+int sk_topk_attn_fwd(const SkTopkAttnParams* params, void* stream);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,699 @@
+"""SparseK sparse attention (Lou et al. 2024, arXiv 2406.16747): selection, the SparseK operator and sparse attention.
+
+Conventions (see ``docs/sparse.md``):
+
+* ``q`` is ``[B, Sq, Hq, D]``, ``k``/``v`` are ``[B, Sk, Hkv, D]`` (``bshd``, unit last stride), ``Hq % Hkv == 0``.
+  Query ``i`` sits at key position ``pos = i + Sk - Sq`` (bottom-right alignment, as in
+  [`sparsek.attention`][sparsek.attention]).
+* ``window = w > 0`` is the local band ``[pos - w + 1, pos]`` (``w`` keys including the query); ``w = 0``: no band.
+* Index lists are int32 key positions, ``-1`` padded, one list per KV head: per query ``[B, Hkv, Sq, n]`` or shared
+  by each block of ``block_size`` consecutive queries ``[B, Hkv, ceil(Sq / block_size), n]``.
+
+GPU ops are registered as ``torch.ops.sparsek.{topk_select, topk_attn_fwd, index_attn_fwd}`` (namespace fragment),
+with fake implementations, so they trace under ``torch.compile``. On CPU tensors the references in
+[`sparsek.reference.sparse`][sparsek.reference.sparse] run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+import torch
+
+from . import _lib, ops  # noqa: F401  (ops registers the sparsek namespace first)
+from ._validation import check_heads, check_qkv, check_scale, check_tensor
+from .reference.sparse import (
+    _block_scores,
+    select_limits,
+    selected_mask_values,
+    sparsek_threshold_ref,
+    topk_attention_ref,
+    topk_rows_ref,
+)
+
+__all__ = [
+    "block_sparse_attention",
+    "sparsek_attention",
+    "sparsek_mask",
+    "sparsek_select",
+    "topk_attention",
+]
+
+#: Head dims of the per-query gather kernel (``csrc/topk_attention.cu``).
+TOPK_KERNEL_HEAD_DIMS = (64, 128)
+#: Head dims of the lead's FMHA kernel in index-list mode.
+INDEX_KERNEL_HEAD_DIMS = (64, 128, 256)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Validation helpers
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _check_int(name: str, value: object, lo: int | None = None, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if lo is not None and value < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise ValueError(f"{name} must be <= {hi}, got {value}")
+    return value
+
+
+def _check_window(window: object, causal: bool) -> int:
+    w = _check_int("window", window, lo=0)
+    if not causal and w > 0:
+        raise ValueError(f"window={w} needs causal=True (the local band is [pos - window + 1, pos])")
+    return w
+
+
+def _check_block_size(name: str, block_size: object) -> int | None:
+    if block_size is None:
+        return None
+    return _check_int(name, block_size, lo=1)
+
+
+def _host_checks_allowed() -> bool:
+    return not (torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()))
+
+
+def _check_index_tensor(
+    name: str, idx: object, batch: int, heads: tuple[int, ...], rows: int, hi: int, device: torch.device, validate: bool
+) -> torch.Tensor:
+    """int32 ``[B or 1, H, rows, n]`` on ``device`` with values in ``[-1, hi)`` (host check) and no repeats."""
+    idx = check_tensor(name, idx, 4)
+    if idx.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {idx.dtype}")
+    if idx.device != device:
+        raise ValueError(f"{name} must be on {device} (like q), got {idx.device}")
+    if idx.shape[0] not in (1, batch):
+        raise ValueError(f"{name}.shape[0] must be the batch size {batch} (or 1), got shape {tuple(idx.shape)}")
+    if idx.shape[1] not in heads:
+        raise ValueError(f"{name}.shape[1] must be one of {heads} (heads), got shape {tuple(idx.shape)}")
+    if idx.shape[2] != rows:
+        raise ValueError(f"{name}.shape[2] must be {rows} (query rows or blocks), got shape {tuple(idx.shape)}")
+    if validate and idx.numel() > 0 and _host_checks_allowed():
+        lo_v, hi_v = int(idx.min()), int(idx.max())
+        if lo_v < -1 or hi_v >= hi:
+            raise ValueError(f"{name} values must lie in [-1, {hi}) (-1 = padding), got min {lo_v}, max {hi_v}")
+        srt = idx.sort(-1).values
+        if bool(((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)).any()):
+            raise ValueError(f"{name} must not repeat an entry within one list (found a repeated index)")
+    if idx.shape[0] != batch:
+        idx = idx.expand(batch, -1, -1, -1)
+    return idx
+
+
+def _check_kernel_head_dim(q: torch.Tensor, dims: tuple[int, ...], what: str) -> None:
+    if q.device.type == "cuda" and q.shape[-1] not in dims:
+        raise ValueError(f"head dim {q.shape[-1]} is not supported by the {what} CUDA kernel (supported: {dims})")
+
+
+def _check_attn_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    check_qkv(q, k, v, ndim=4)
+    if not (q.shape[0] == k.shape[0] == v.shape[0]):
+        raise ValueError(f"q, k, v must have the same batch size, got {q.shape[0]}, {k.shape[0]}, {v.shape[0]}")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"k and v must have the same sequence length, got {k.shape[1]} and {v.shape[1]}")
+    check_heads(q.shape[2], k.shape[2], v.shape[2])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# ctypes bindings of csrc/sparse_abi.h
+# --------------------------------------------------------------------------------------------------------------------
+
+_i64, _i32, _ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
+
+
+class SkTopkAttnParams(ctypes.Structure):
+    """ctypes mirror of ``SkTopkAttnParams`` in ``csrc/sparse_abi.h``."""
+
+    _fields_ = [
+        ("q", _ptr), ("k", _ptr), ("v", _ptr), ("o", _ptr), ("lse", _ptr), ("indices", _ptr),
+        ("q_batch_stride", _i64), ("q_row_stride", _i64), ("q_head_stride", _i64),
+        ("k_batch_stride", _i64), ("k_row_stride", _i64), ("k_head_stride", _i64),
+        ("v_batch_stride", _i64), ("v_row_stride", _i64), ("v_head_stride", _i64),
+        ("o_batch_stride", _i64), ("o_row_stride", _i64), ("o_head_stride", _i64),
+        ("lse_batch_stride", _i64), ("lse_head_stride", _i64),
+        ("idx_batch_stride", _i64), ("idx_head_stride", _i64), ("idx_row_stride", _i64),
+        ("batch", _i32), ("heads_q", _i32), ("heads_kv", _i32), ("seqlen_q", _i32), ("seqlen_k", _i32),
+        ("head_dim", _i32), ("num_indices", _i32), ("window", _i32), ("causal", _i32), ("is_bf16", _i32),
+        ("scale_log2", ctypes.c_float), ("pad0", _i32),
+    ]  # fmt: skip
+
+
+_BOUND: set[int] = set()
+
+
+def _sparse_lib(device: torch.device) -> ctypes.CDLL:
+    lib = _lib.load(device)
+    if id(lib) not in _BOUND:
+        lib.sk_sparse_abi_version.restype = ctypes.c_int
+        lib.sk_topk_select.argtypes = [
+            _ptr, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _i32, _i32, _i32, _ptr, _ptr, _ptr
+        ]  # fmt: skip
+        lib.sk_topk_select.restype = ctypes.c_int
+        lib.sk_topk_attn_fwd.argtypes = [ctypes.POINTER(SkTopkAttnParams), _ptr]
+        lib.sk_topk_attn_fwd.restype = ctypes.c_int
+        if lib.sk_sparse_abi_version() != 1:
+            raise _lib.KernelUnavailable("stale sparsek library: sparse ABI version mismatch")
+        _BOUND.add(id(lib))
+    return lib
+
+
+def _stream(device: torch.device) -> ctypes.c_void_p:
+    return ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)
+
+
+def _kernel_or_fallback(device: torch.device) -> ctypes.CDLL | None:
+    try:
+        return _sparse_lib(device)
+    except _lib.KernelUnavailable:
+        if not _lib.fallback_allowed():
+            raise
+        return None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Custom ops
+# --------------------------------------------------------------------------------------------------------------------
+
+_FRAG = torch.library.Library("sparsek", "FRAGMENT")
+_FRAG.define("topk_select(Tensor scores, int k, int num_rows, int off, int step) -> (Tensor, Tensor)")
+_FRAG.define(
+    "topk_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor indices, float scale, int window, bool causal, "
+    "bool return_lse) -> (Tensor, Tensor)"
+)
+_FRAG.define(
+    "index_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor kv_indices, Tensor kv_counts, int index_block_q, "
+    "float scale, int window_left, int window_right, bool return_lse) -> (Tensor, Tensor)"
+)
+
+
+def _select_alloc(scores: torch.Tensor, k: int, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    b, h = scores.shape[0], scores.shape[1]
+    idx = scores.new_empty((b, h, num_rows, k), dtype=torch.int32)
+    cnt = scores.new_empty((b, h, num_rows), dtype=torch.int32)
+    return idx, cnt
+
+
+@torch.library.impl(_FRAG, "topk_select", "CPU")
+def _topk_select_cpu(scores, k, num_rows, off, step):
+    return topk_rows_ref(scores, k, num_rows, off, step)
+
+
+@torch.library.impl(_FRAG, "topk_select", "CUDA")
+def _topk_select_cuda(scores, k, num_rows, off, step):
+    lib = _kernel_or_fallback(scores.device)
+    if lib is None:
+        return topk_rows_ref(scores, k, num_rows, off, step)
+    idx, cnt = _select_alloc(scores, k, num_rows)
+    if idx.numel() == 0:
+        cnt.zero_()
+        return idx, cnt
+    s = scores if scores.dtype == torch.float32 else scores.float()
+    if s.stride(-1) != 1:
+        s = s.contiguous()
+    b, h, sk = s.shape[0], s.shape[1], s.shape[-1]
+    row_stride = s.stride(2) if s.dim() == 4 else 0
+    code = lib.sk_topk_select(
+        s.data_ptr(), s.stride(0), s.stride(1), row_stride, b, h, num_rows, sk, k, off, step,
+        idx.data_ptr(), cnt.data_ptr(), _stream(s.device),
+    )  # fmt: skip
+    _lib.check(lib, code, "top-k selection")
+    return idx, cnt
+
+
+@torch.library.register_fake("sparsek::topk_select")
+def _topk_select_fake(scores, k, num_rows, off, step):
+    return _select_alloc(scores, k, num_rows)
+
+
+def _attn_alloc(q: torch.Tensor, return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    out = torch.empty_like(q)
+    shape = (q.shape[0], q.shape[2], q.shape[1]) if return_lse else (0,)
+    return out, q.new_empty(shape, dtype=torch.float32)
+
+
+def _topk_attn_reference(q, k, v, indices, scale, window, causal, return_lse):
+    out, lse = topk_attention_ref(q, k, v, indices, scale=scale, window=window, causal=causal, return_lse=True)
+    return out, (lse if return_lse else q.new_empty((0,), dtype=torch.float32))
+
+
+@torch.library.impl(_FRAG, "topk_attn_fwd", "CPU")
+def _topk_attn_cpu(q, k, v, indices, scale, window, causal, return_lse):
+    return _topk_attn_reference(q, k, v, indices, scale, window, causal, return_lse)
+
+
+@torch.library.impl(_FRAG, "topk_attn_fwd", "CUDA")
+def _topk_attn_cuda(q, k, v, indices, scale, window, causal, return_lse):
+    lib = _kernel_or_fallback(q.device)
+    if lib is None:
+        return _topk_attn_reference(q, k, v, indices, scale, window, causal, return_lse)
+    out, lse = _attn_alloc(q, return_lse)
+    if q.numel() == 0:
+        return out, lse
+    if indices.stride(-1) != 1 and indices.shape[-1] > 1:
+        indices = indices.contiguous()
+    lb, lh = (lse.stride(0), lse.stride(1)) if return_lse else (0, 0)
+    p = SkTopkAttnParams(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr() if return_lse else None,
+        indices.data_ptr() if indices.numel() else None,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), lb, lh,
+        indices.stride(0), indices.stride(1), indices.stride(2),
+        q.shape[0], q.shape[2], k.shape[2], q.shape[1], k.shape[1], q.shape[3], indices.shape[3],
+        window, int(causal), int(q.dtype == torch.bfloat16), scale * _lib._LOG2E, 0,
+    )  # fmt: skip
+    _lib.check(lib, lib.sk_topk_attn_fwd(ctypes.byref(p), _stream(q.device)), "top-k attention")
+    return out, lse
+
+
+@torch.library.register_fake("sparsek::topk_attn_fwd")
+def _topk_attn_fake(q, k, v, indices, scale, window, causal, return_lse):
+    return _attn_alloc(q, return_lse)
+
+
+def _index_attn_reference(q, k, v, kv_indices, kv_counts, ibq, scale, wl, wr, return_lse):
+    n = kv_indices.shape[-1]
+    keep = torch.arange(n, device=kv_indices.device) < kv_counts.unsqueeze(-1)
+    idx = torch.where(keep, kv_indices, torch.full_like(kv_indices, -1))
+    window = wl + 1 if wl >= 0 else 0
+    out, lse = topk_attention_ref(
+        q, k, v, idx, scale=scale, window=window, causal=wr == 0, block_size=ibq, return_lse=True
+    )
+    return out, (lse if return_lse else q.new_empty((0,), dtype=torch.float32))
+
+
+@torch.library.impl(_FRAG, "index_attn_fwd", "CPU")
+def _index_attn_cpu(q, k, v, kv_indices, kv_counts, ibq, scale, wl, wr, return_lse):
+    return _index_attn_reference(q, k, v, kv_indices, kv_counts, ibq, scale, wl, wr, return_lse)
+
+
+@torch.library.impl(_FRAG, "index_attn_fwd", "CUDA")
+def _index_attn_cuda(q, k, v, kv_indices, kv_counts, ibq, scale, wl, wr, return_lse):
+    try:
+        _lib.load(q.device)
+    except _lib.KernelUnavailable:
+        if not _lib.fallback_allowed():
+            raise
+        return _index_attn_reference(q, k, v, kv_indices, kv_counts, ibq, scale, wl, wr, return_lse)
+    out, lse = _attn_alloc(q, return_lse)
+    if q.numel() == 0:
+        return out, lse
+    _lib.fmha_fwd(
+        q, k, v, out, lse if return_lse else None,
+        cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, block_table=None,
+        max_seqlen_q=q.shape[1], max_seqlen_k=k.shape[1], scale=scale, window_left=wl, window_right=wr,
+        kv_indices=kv_indices.contiguous(), kv_counts=kv_counts.contiguous(), index_block_q=ibq,
+    )  # fmt: skip
+    return out, lse
+
+
+@torch.library.register_fake("sparsek::index_attn_fwd")
+def _index_attn_fake(q, k, v, kv_indices, kv_counts, ibq, scale, wl, wr, return_lse):
+    return _attn_alloc(q, return_lse)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# SparseK operator
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class _SparseKMask(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, z: torch.Tensor, k: int) -> torch.Tensor:
+        tau, in_s, in_h, _ = sparsek_threshold_ref(z, k)
+        m = torch.where(in_s, (z - tau.unsqueeze(-1).to(z.dtype)).clamp(0.0, 1.0), in_h.to(z.dtype))
+        ctx.save_for_backward(in_s)
+        return m
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (in_s,) = ctx.saved_tensors
+        g = grad.masked_fill(~in_s, 0.0)
+        mean = g.sum(-1, keepdim=True) / in_s.sum(-1, keepdim=True).clamp_min(1).to(g.dtype)
+        return (g - mean).masked_fill(~in_s, 0.0), None
+
+
+def sparsek_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The differentiable SparseK operator: projection of each row onto ``{0 <= m <= 1, sum m = k}``.
+
+    ``m = clip(z - tau, 0, 1)`` with the per-row threshold ``tau`` solved exactly by sorting (``O(n log n)`` per
+    row). The Jacobian is that of the projection: for entries strictly inside ``(0, 1)`` (set ``S``),
+    ``dm_i/dz_j = [i == j] - 1/|S|``; entries at 0 or 1 have zero gradient.
+
+    Args:
+        scores: floating tensor ``[..., n]``; the operator acts on the last dim. ``-inf`` entries are excluded
+            (mask 0); a row with at most ``k`` finite entries gets 1 on each of them.
+        k: budget, ``1 <= k <= n``.
+
+    Returns:
+        The mask, same shape and dtype as ``scores``; every row with more than ``k`` finite entries sums to ``k``.
+    """
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
+    if not scores.is_floating_point():
+        raise TypeError(f"scores must be a floating point tensor, got {scores.dtype}")
+    if scores.dim() == 0:
+        raise ValueError("scores must have at least one dimension")
+    _check_int("k", k, lo=1, hi=scores.shape[-1])
+    return _SparseKMask.apply(scores, k)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Selection
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def sparsek_select(
+    scores: torch.Tensor,
+    k: int,
+    *,
+    causal: bool = True,
+    window: int = 0,
+    block_size: int | None = None,
+    return_mask: bool = False,
+    seqlen_q: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Hard top-k selection of key positions per query (or per query block) among its causal prefix minus its band.
+
+    Args:
+        scores: the scoring network's output per KV head. ``[B, Hkv, Sk]``: one importance score per key/value
+            pair, shared by all queries (the SparseK paper's query-independent scoring ``u = X w``); query ``i``
+            selects among the keys of its own prefix. ``[B, Hkv, Sq, Sk]``: one score per (query, key) pair
+            (e.g. an indexer). Any floating dtype (selection runs in float32). ``-inf`` keys are never selected.
+        k: budget of selected keys per query (row), ``1 <= k <= Sk``.
+        causal: query at position ``pos`` selects among keys ``j <= pos - window`` (``window > 0``) or ``j <= pos``
+            (``window = 0``). ``causal=False``: among all keys (requires ``window = 0``).
+        window: size of the local band ``[pos - window + 1, pos]`` attended anyway, so excluded from selection.
+        block_size: share one selection per block of ``block_size`` consecutive queries (the form the fast FMHA
+            index-list path runs; 64 or 128 are native). Block ``m`` with first position ``p0`` selects among keys
+            ``j <= p0 - window`` (``window > 0``: outside every band of the block) or ``j <= p0 + block_size - 1``
+            (``window = 0``). Block score of a key: its score (``[B, Hkv, Sk]`` scores) or the **max** over the
+            block's queries that can see it (``[B, Hkv, Sq, Sk]``): a key is kept if it matters to any query.
+        return_mask: also return the SparseK mask values ``clip(z_j - tau, 0, 1)`` at the selected positions,
+            ``tau`` the SparseK threshold of the row's whole candidate prefix (0 at padding). Computed in PyTorch,
+            ``O(rows * Sk)`` memory: meant for training at moderate lengths.
+        seqlen_q: number of queries for ``[B, Hkv, Sk]`` scores (default ``Sk``; bottom-right aligned).
+
+    Returns:
+        int32 ``[B, Hkv, rows, k]`` key positions sorted ascending and ``-1`` padded (rows with fewer than ``k``
+        candidates), ``rows = Sq`` or ``ceil(Sq / block_size)``; and the float32 mask values of the same shape if
+        ``return_mask``. Order: higher score first, ties broken by the lower position (the CUDA radix-select kernel
+        and the CPU sort-based reference agree exactly).
+    """
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
+    if scores.dim() not in (3, 4):
+        raise ValueError(f"scores must be [B, Hkv, Sk] or [B, Hkv, Sq, Sk], got shape {tuple(scores.shape)}")
+    if not scores.is_floating_point():
+        raise TypeError(f"scores must be a floating point tensor, got {scores.dtype}")
+    sk = scores.shape[-1]
+    if sk == 0:
+        raise ValueError("scores must have at least one key (last dim is 0)")
+    _check_int("k", k, lo=1, hi=sk)
+    window = _check_window(window, causal)
+    block_size = _check_block_size("block_size", block_size)
+    if scores.dim() == 4:
+        if seqlen_q is not None and seqlen_q != scores.shape[2]:
+            raise ValueError(f"seqlen_q={seqlen_q} disagrees with scores.shape[2]={scores.shape[2]}")
+        sq = scores.shape[2]
+    else:
+        sq = sk if seqlen_q is None else _check_int("seqlen_q", seqlen_q, lo=0)
+    if causal and sq > sk:
+        raise ValueError(f"causal selection needs seqlen_q <= Sk, got seqlen_q={sq}, Sk={sk}")
+    rows, off, step = select_limits(sq, sk, causal=causal, window=window, block_size=block_size)
+    rs = scores
+    if scores.dim() == 4 and block_size is not None:
+        rs = _block_scores(scores, sq, block_size, causal)
+    idx, _ = torch.ops.sparsek.topk_select(rs, k, rows, off, step)
+    if not return_mask:
+        return idx
+    return idx, selected_mask_values(rs, idx, k, rows, off, step)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _shared_to_fmha(
+    idx: torch.Tensor, block_size: int, window: int, sq: int, sk: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Block-shared lists → FMHA index lists: drop keys overlapping the block's bands, re-block to 64/128."""
+    rows = idx.shape[2]
+    if window > 0:
+        p0 = torch.arange(rows, device=idx.device, dtype=torch.int32) * block_size + (sk - sq)
+        idx = torch.where(idx <= (p0 - window).view(1, 1, rows, 1), idx, torch.full_like(idx, -1))
+    ibq = 128 if block_size % 128 == 0 else 64
+    if block_size != ibq:
+        idx = idx.repeat_interleave(block_size // ibq, dim=2)[:, :, : -(-sq // ibq)]
+    idx = idx.contiguous()
+    counts = torch.full(idx.shape[:3], idx.shape[3], dtype=torch.int32, device=idx.device)
+    return idx, counts, ibq
+
+
+def _shared_to_per_query(idx: torch.Tensor, block_size: int, window: int, sq: int, sk: int) -> torch.Tensor:
+    rows = idx.shape[2]
+    if window > 0:
+        p0 = torch.arange(rows, device=idx.device, dtype=torch.int32) * block_size + (sk - sq)
+        idx = torch.where(idx <= (p0 - window).view(1, 1, rows, 1), idx, torch.full_like(idx, -1))
+    return idx.repeat_interleave(block_size, dim=2)[:, :, :sq]
+
+
+def topk_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indices: torch.Tensor,
+    *,
+    scale: float | None = None,
+    window: int = 0,
+    causal: bool = True,
+    block_size: int | None = None,
+    return_lse: bool = False,
+    validate: bool = True,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention of each query to its local band plus a list of key positions (token-level sparse attention).
+
+    Args:
+        q: ``[B, Sq, Hq, D]``.
+        k: ``[B, Sk, Hkv, D]`` (GQA: the lists are per KV head and shared by the group's query heads).
+        v: ``[B, Sk, Hkv, D]``.
+        indices: int32 key positions, ``-1`` padded. Per query: ``[B, Hkv, Sq, n]``. Block-shared (``block_size``
+            given): ``[B, Hkv, ceil(Sq / block_size), n]``. A batch dim of 1 broadcasts. Lists must not repeat a
+            position; ascending order is fastest.
+        scale: softmax scale, default ``D ** -0.5``.
+        window: local band ``[pos - window + 1, pos]`` (``window > 0``), attended in addition to the list; listed
+            keys inside a query's band count once.
+        causal: listed keys ``j > pos`` are masked. ``causal=False`` needs ``window = 0``.
+        block_size: block size of block-shared lists. With ``window > 0``, a block's listed keys
+            ``j > p0 - window`` (``p0``: the block's first query position) are ignored so that no listed key
+            overlaps any band of the block ([`sparsek_select`][sparsek.sparse.sparsek_select] never produces
+            them). Multiples of 64 run the FMHA index-list kernel, other sizes the per-query gather kernel.
+        return_lse: also return the float32 LSE ``[B, Hq, Sq]`` (``-inf`` where a query sees no key; output 0).
+        validate: check index values on the host (range ``[-1, Sk)``, no repeats; one device sync). Skipped
+            under ``torch.compile`` and CUDA-graph capture.
+
+    Returns:
+        The output ``[B, Sq, Hq, D]`` in ``q``'s dtype, and the LSE if ``return_lse``.
+
+    CUDA: fp16/bf16; per-query lists run ``csrc/topk_attention.cu`` (head dims 64/128), block-shared ones the
+    FMHA index-list mode (64/128/256). CPU: the reference.
+    """
+    _check_attn_inputs(q, k, v)
+    window = _check_window(window, causal)
+    block_size = _check_block_size("block_size", block_size)
+    b, sq, hq, _ = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    rows = sq if block_size is None else -(-sq // block_size)
+    indices = _check_index_tensor("indices", indices, b, (hk,), rows, sk, q.device, validate)
+    scale = check_scale(scale, q.shape[-1])
+    if block_size is not None and block_size % 64 == 0:
+        _check_kernel_head_dim(q, INDEX_KERNEL_HEAD_DIMS, "FMHA index-list")
+        idx, counts, ibq = _shared_to_fmha(indices, block_size, window, sq, sk)
+        out, lse = torch.ops.sparsek.index_attn_fwd(
+            q, k, v, idx, counts, ibq, scale, window - 1 if window > 0 else -1, 0 if causal else -1, return_lse
+        )
+    else:
+        _check_kernel_head_dim(q, TOPK_KERNEL_HEAD_DIMS, "top-k gather")
+        if block_size is not None:
+            indices = _shared_to_per_query(indices, block_size, window, sq, sk)
+        out, lse = torch.ops.sparsek.topk_attn_fwd(q, k, v, indices, scale, window, causal, return_lse)
+    return (out, lse) if return_lse else out
+
+
+def _blockmask_lists(bm: Any) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Union of a BlockMask's partial and full KV-block lists, ``-1`` padded, sorted ascending."""
+    parts = []
+    for nblk, blk in ((bm.kv_num_blocks, bm.kv_indices), (bm.full_kv_num_blocks, bm.full_kv_indices)):
+        if nblk is None or blk is None:
+            continue
+        keep = torch.arange(blk.shape[-1], device=blk.device) < nblk.unsqueeze(-1)
+        parts.append(torch.where(keep, blk.to(torch.int32), torch.full_like(blk, -1, dtype=torch.int32)))
+    lists = torch.cat(parts, -1)
+    return _sort_padded(lists), tuple(bm.BLOCK_SIZE)
+
+
+def _sort_padded(lists: torch.Tensor) -> torch.Tensor:
+    big = torch.iinfo(torch.int32).max
+    srt = torch.where(lists >= 0, lists, torch.full_like(lists, big)).sort(-1).values
+    return torch.where(srt == big, torch.full_like(srt, -1), srt)
+
+
+def _expand_blocks(blocks: torch.Tensor, kv_block: int, sk: int) -> torch.Tensor:
+    """KV-block lists ``[..., n]`` → token lists ``[..., n * kv_block]`` (-1 for padding and tokens >= Sk)."""
+    tok = blocks.unsqueeze(-1) * kv_block + torch.arange(kv_block, device=blocks.device, dtype=torch.int32)
+    tok = torch.where((blocks.unsqueeze(-1) >= 0) & (tok < sk), tok, torch.full_like(tok, -1))
+    return tok.flatten(-2)
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_indices: torch.Tensor | Any,
+    block_size: int | tuple[int, int] | None = None,
+    *,
+    num_blocks: torch.Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    return_lse: bool = False,
+    validate: bool = True,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse attention: each query block attends to a list of KV blocks (FlexAttention BlockMask semantics).
+
+    Args:
+        q: ``[B, Sq, Hq, D]``.
+        k: ``[B, Sk, Hkv, D]``.
+        v: ``[B, Sk, Hkv, D]``.
+        block_indices: int32 ``[B or 1, H, ceil(Sq / q_block), n]`` KV-block indices per query block (FlexAttention's
+            ``kv_indices``; ``H`` is 1, ``Hkv`` or ``Hq``; per-query-head lists with GQA expand K/V to ``Hq`` heads),
+            or a ``torch.nn.attention.flex_attention.BlockMask`` (its partial **and** full blocks are used; its
+            ``BLOCK_SIZE`` gives the block sizes).
+        block_size: ``q_block`` and ``kv_block`` (an int for both, or a pair); taken from the BlockMask if omitted.
+        num_blocks: int32 ``[B or 1, H, ceil(Sq / q_block)]``: only the first ``num_blocks`` entries of each list
+            are used (FlexAttention's ``kv_num_blocks``); without it every non-negative entry is used.
+        causal: additionally mask keys ``j > pos`` (bottom-right; equal to FlexAttention's ``q_idx >= kv_idx``
+            when ``Sq == Sk``). This is the only ``mask_mod`` honoured: with a BlockMask, partial blocks are
+            attended in full (``causal=False``) or with the causal mask (``causal=True``); any other ``mask_mod``
+            is not evaluated.
+        scale: softmax scale, default ``D ** -0.5``.
+        return_lse: also return the float32 LSE ``[B, Hq, Sq]``.
+        validate: host-side check of the block indices (range, repeats; one device sync).
+
+    Returns:
+        The output ``[B, Sq, Hq, D]`` and the LSE if ``return_lse``.
+
+    CUDA: block lists expand to token runs for the FMHA index-list kernel when ``q_block`` is a multiple of 64
+    (otherwise the per-query gather kernel). CPU: the reference.
+    """
+    _check_attn_inputs(q, k, v)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    b, sq, hq, _ = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    if isinstance(block_indices, torch.Tensor):
+        if block_size is None:
+            raise ValueError("block_size is required when block_indices is a tensor")
+        lists = block_indices
+    elif hasattr(block_indices, "kv_indices") and hasattr(block_indices, "BLOCK_SIZE"):
+        if num_blocks is not None:
+            raise ValueError("num_blocks must not be given with a BlockMask (it carries its own counts)")
+        lists, bm_bs = _blockmask_lists(block_indices)
+        if block_size is not None and tuple(block_size if isinstance(block_size, tuple) else (block_size,) * 2) != bm_bs:
+            raise ValueError(f"block_size={block_size} disagrees with the BlockMask's BLOCK_SIZE {bm_bs}")
+        block_size = bm_bs
+        lists = lists.to(q.device)
+    else:
+        raise TypeError(f"block_indices must be an int32 tensor or a BlockMask, got {type(block_indices).__name__}")
+    if isinstance(block_size, int):
+        qb, kb = block_size, block_size
+    elif isinstance(block_size, (tuple, list)) and len(block_size) == 2:
+        qb, kb = block_size
+    else:
+        raise ValueError(f"block_size must be an int or a (q_block, kv_block) pair, got {block_size!r}")
+    _check_int("block_size (q_block)", qb, lo=1)
+    _check_int("block_size (kv_block)", kb, lo=1)
+    nqb, nkb = -(-sq // qb), -(-sk // kb)
+    lists = _check_index_tensor("block_indices", lists, b, (1, hk, hq), nqb, nkb, q.device, validate)
+    if num_blocks is not None:
+        check_tensor("num_blocks", num_blocks, 3)
+        if num_blocks.dtype != torch.int32:
+            raise TypeError(f"num_blocks must be int32, got {num_blocks.dtype}")
+        if tuple(num_blocks.shape[1:]) != tuple(lists.shape[1:3]) or num_blocks.shape[0] not in (1, b):
+            raise ValueError(
+                f"num_blocks must have shape [B or 1, {lists.shape[1]}, {nqb}], got {tuple(num_blocks.shape)}"
+            )
+        keep = torch.arange(lists.shape[-1], device=lists.device) < num_blocks.unsqueeze(-1)
+        lists = torch.where(keep, lists, torch.full_like(lists, -1))
+    scale = check_scale(scale, q.shape[-1])
+    hm = lists.shape[1]
+    if hm == hq and hq != hk:
+        k = k.repeat_interleave(hq // hk, dim=2)
+        v = v.repeat_interleave(hq // hk, dim=2)
+    elif hm == 1 and hk != 1:
+        lists = lists.expand(-1, hk, -1, -1)
+    tokens = _expand_blocks(_sort_padded(lists), kb, sk)
+    if qb % 64 == 0:
+        _check_kernel_head_dim(q, INDEX_KERNEL_HEAD_DIMS, "FMHA index-list")
+        idx, counts, ibq = _shared_to_fmha(tokens, qb, 0, sq, sk)
+        out, lse = torch.ops.sparsek.index_attn_fwd(q, k, v, idx, counts, ibq, scale, -1, 0 if causal else -1, return_lse)
+    else:
+        _check_kernel_head_dim(q, TOPK_KERNEL_HEAD_DIMS, "top-k gather")
+        idx = _shared_to_per_query(tokens, qb, 0, sq, sk)
+        out, lse = torch.ops.sparsek.topk_attn_fwd(q, k, v, idx, scale, 0, causal, return_lse)
+    return (out, lse) if return_lse else out
+
+
+def sparsek_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scores: torch.Tensor,
+    k_budget: int,
+    window: int,
+    causal: bool = True,
+    *,
+    block_size: int | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The SparseK attention layer forward: select ``k_budget`` keys per query, attend to them plus the local band.
+
+    Equivalent to ``topk_attention(q, k, v, sparsek_select(scores, k_budget, ...), window=window, ...)``.
+
+    Args:
+        q: ``[B, Sq, Hq, D]``.
+        k: ``[B, Sk, Hkv, D]``.
+        v: ``[B, Sk, Hkv, D]``.
+        scores: ``[B, Hkv, Sk]`` per-key scores (paper) or ``[B, Hkv, Sq, Sk]``, as in
+            [`sparsek_select`][sparsek.sparse.sparsek_select].
+        k_budget: selected keys per query (or per query block), ``1 <= k_budget <= Sk``.
+        window: local band size (``0``: none).
+        causal: causal selection and masking (``False`` needs ``window = 0``).
+        block_size: share the selection per block of queries (64 or 128 run the fast FMHA index-list path);
+            ``None`` selects per query, exactly as in the paper.
+        scale: softmax scale, default ``D ** -0.5``.
+        return_lse: also return the LSE ``[B, Hq, Sq]``.
+
+    Returns:
+        The output ``[B, Sq, Hq, D]`` and the LSE if ``return_lse``.
+    """
+    _check_attn_inputs(q, k, v)
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
+    b, sq, _, _ = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    want = (b, hk, sk) if scores.dim() == 3 else (b, hk, sq, sk)
+    if tuple(scores.shape) != want:
+        raise ValueError(f"scores must have shape {want} ([B, Hkv, Sk] or [B, Hkv, Sq, Sk]), got {tuple(scores.shape)}")
+    if scores.device != q.device:
+        raise ValueError(f"scores must be on {q.device} (like q), got {scores.device}")
+    idx = sparsek_select(scores, k_budget, causal=causal, window=window, block_size=block_size, seqlen_q=sq)
+    return topk_attention(
+        q, k, v, idx, scale=scale, window=window, causal=causal, block_size=block_size,
+        return_lse=return_lse, validate=False,
+    )  # fmt: skip
