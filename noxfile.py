@@ -74,9 +74,7 @@ def gpu(session: nox.Session, arch: str) -> None:
 @nox.parametrize("arch", ["sm90a", "sm100a"])
 def compile(session: nox.Session, arch: str) -> None:
     """nvcc compile of every .cu source for the architecture (no GPU needed); skips without nvcc."""
-    nvcc = shutil.which("nvcc") or (
-        "/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None
-    )
+    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)
     if nvcc is None:
         session.skip("nvcc not found: install the CUDA toolkit to run the compile check")
     _install_torch(session)

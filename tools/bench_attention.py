@@ -16,11 +16,10 @@ import statistics
 import time
 from pathlib import Path
 
+import sparsek
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-
-import sparsek
 
 SHAPES = [  # dtype, B, H, S, D, causal  (the anchor shapes of docs/benchmarks.md)
     ("fp16", 1, 8, 512, 64, False),
@@ -145,15 +144,23 @@ def main() -> None:
                 continue
             tf = flops(b, h, s, d, causal) / us / 1e6
             rows.append((name, b, h, s, d, causal, bname, us, eager, tf, err))
-            print(f"{name} B={b} H={h} S={s} D={d} causal={causal} {bname:11s} {us:9.2f} us {tf:7.1f} TFLOP/s "
-                  f"eager {eager:8.2f} us err {err:.1e}", flush=True)
+            print(
+                f"{name} B={b} H={h} S={s} D={d} causal={causal} {bname:11s} {us:9.2f} us {tf:7.1f} TFLOP/s "
+                f"eager {eager:8.2f} us err {err:.1e}",
+                flush=True,
+            )
         del q, k, v, ref
-    lines = [header, "| dtype | B,H,S,D | causal | backend | kernel us | TFLOP/s | eager us | rel err |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        header,
+        "| dtype | B,H,S,D | causal | backend | kernel us | TFLOP/s | eager us | rel err |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, b, h, s, d, causal, bname, us, eager, tf, err in rows:
         eager_s = "" if eager != eager else f"{eager:.1f}"
-        lines.append(f"| {name} | {b},{h},{s},{d} | {'yes' if causal else 'no'} | {bname} | {us:.2f} | {tf:.0f} | "
-                     f"{eager_s} | {err:.1e} |")
+        lines.append(
+            f"| {name} | {b},{h},{s},{d} | {'yes' if causal else 'no'} | {bname} | {us:.2f} | {tf:.0f} | "
+            f"{eager_s} | {err:.1e} |"
+        )
     table = "\n".join(lines) + "\n"
     (args.out / "bench_attention.md").write_text(table)
     try:
@@ -170,7 +177,9 @@ def main() -> None:
             vals = [next((r[9] for r in rows if tuple(r[:6]) == lab and r[6] == bn), 0) for lab in labels]
             ax.bar([x + i * width for x in range(len(labels))], vals, width, label=bn)
         ax.set_xticks([x + 1.5 * width for x in range(len(labels))])
-        ax.set_xticklabels([f"{n}\n{b},{h},{s},{d}\n{'causal' if c else ''}" for n, b, h, s, d, c in labels], fontsize=7)
+        ax.set_xticklabels(
+            [f"{n}\n{b},{h},{s},{d}\n{'causal' if c else ''}" for n, b, h, s, d, c in labels], fontsize=7
+        )
         ax.set_ylabel("TFLOP/s")
         ax.set_title(f"Attention forward on {gpu}")
         ax.legend()

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-import torch
-
 import sparsek
+import torch
 from sparsek.reference import attention_ref, varlen_attention_ref
 from sparsek.testing import rel_error, tolerance
 
@@ -20,7 +19,9 @@ def _rand(*shape, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("sq,sk", [(1, 1), (17, 17), (128, 128), (300, 300), (1, 1000), (77, 513), (513, 77), (1000, 4097)])
+@pytest.mark.parametrize(
+    "sq,sk", [(1, 1), (17, 17), (128, 128), (300, 300), (1, 1000), (77, 513), (513, 77), (1000, 4097)]
+)
 def test_dense_matches_reference(dtype, d, causal, sq, sk):
     torch.manual_seed(sq * 7 + sk)
     q, k, v = _rand(2, sq, 4, d, dtype=dtype), _rand(2, sk, 4, d, dtype=dtype), _rand(2, sk, 4, d, dtype=dtype)

@@ -178,7 +178,9 @@ def build(target: str, *, root: Path | None = None, verbose: bool = False, force
         proc = subprocess.run([ninja, "-C", str(tmp)], capture_output=True, text=True)
         (tmp / "build.log").write_text(proc.stdout + proc.stderr)
         if proc.returncode != 0:
-            raise BuildError(f"building sparsek for {target} failed (log in {tmp}/build.log):\n{proc.stdout}{proc.stderr}")
+            raise BuildError(
+                f"building sparsek for {target} failed (log in {tmp}/build.log):\n{proc.stdout}{proc.stderr}"
+            )
         if verbose:
             print(proc.stdout + proc.stderr)
         shutil.rmtree(out_dir, ignore_errors=True)

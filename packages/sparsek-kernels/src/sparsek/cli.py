@@ -76,7 +76,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"nvcc: {nvcc or 'not found'}")
     print(f"cache directory: {build.cache_root()}")
     built = build.built_targets()
-    print("built: " + (", ".join(built) if built else "nothing yet (kernels build on first use or with `sparsek build`)"))
+    print(
+        "built: " + (", ".join(built) if built else "nothing yet (kernels build on first use or with `sparsek build`)")
+    )
     return 0
 
 

@@ -75,7 +75,9 @@ def _check_block_size(name: str, block_size: object) -> int | None:
 
 
 def _host_checks_allowed() -> bool:
-    return not (torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()))
+    return not (
+        torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+    )
 
 
 def _check_index_tensor(
@@ -236,9 +238,18 @@ def _attn_alloc(q: torch.Tensor, return_lse: bool) -> tuple[torch.Tensor, torch.
     return out, q.new_empty(shape, dtype=torch.float32)
 
 
+def _into(q: torch.Tensor, ref: tuple[torch.Tensor, torch.Tensor], return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copy a reference result into freshly allocated outputs with the kernels' (contiguous) layout."""
+    out, lse = _attn_alloc(q, return_lse)
+    out.copy_(ref[0])
+    if return_lse:
+        lse.copy_(ref[1])
+    return out, lse
+
+
 def _topk_attn_reference(q, k, v, indices, scale, window, causal, return_lse):
-    out, lse = topk_attention_ref(q, k, v, indices, scale=scale, window=window, causal=causal, return_lse=True)
-    return out, (lse if return_lse else q.new_empty((0,), dtype=torch.float32))
+    ref = topk_attention_ref(q, k, v, indices, scale=scale, window=window, causal=causal, return_lse=True)
+    return _into(q, ref, return_lse)
 
 
 @torch.library.impl(_FRAG, "topk_attn_fwd", "CPU")
@@ -280,10 +291,8 @@ def _index_attn_reference(q, k, v, kv_indices, kv_counts, ibq, scale, wl, wr, re
     keep = torch.arange(n, device=kv_indices.device) < kv_counts.unsqueeze(-1)
     idx = torch.where(keep, kv_indices, torch.full_like(kv_indices, -1))
     window = wl + 1 if wl >= 0 else 0
-    out, lse = topk_attention_ref(
-        q, k, v, idx, scale=scale, window=window, causal=wr == 0, block_size=ibq, return_lse=True
-    )
-    return out, (lse if return_lse else q.new_empty((0,), dtype=torch.float32))
+    ref = topk_attention_ref(q, k, v, idx, scale=scale, window=window, causal=wr == 0, block_size=ibq, return_lse=True)
+    return _into(q, ref, return_lse)
 
 
 @torch.library.impl(_FRAG, "index_attn_fwd", "CPU")
@@ -603,7 +612,10 @@ def block_sparse_attention(
         if num_blocks is not None:
             raise ValueError("num_blocks must not be given with a BlockMask (it carries its own counts)")
         lists, bm_bs = _blockmask_lists(block_indices)
-        if block_size is not None and tuple(block_size if isinstance(block_size, tuple) else (block_size,) * 2) != bm_bs:
+        if (
+            block_size is not None
+            and tuple(block_size if isinstance(block_size, tuple) else (block_size,) * 2) != bm_bs
+        ):
             raise ValueError(f"block_size={block_size} disagrees with the BlockMask's BLOCK_SIZE {bm_bs}")
         block_size = bm_bs
         lists = lists.to(q.device)
@@ -640,7 +652,9 @@ def block_sparse_attention(
     if qb % 64 == 0:
         _check_kernel_head_dim(q, INDEX_KERNEL_HEAD_DIMS, "FMHA index-list")
         idx, counts, ibq = _shared_to_fmha(tokens, qb, 0, sq, sk)
-        out, lse = torch.ops.sparsek.index_attn_fwd(q, k, v, idx, counts, ibq, scale, -1, 0 if causal else -1, return_lse)
+        out, lse = torch.ops.sparsek.index_attn_fwd(
+            q, k, v, idx, counts, ibq, scale, -1, 0 if causal else -1, return_lse
+        )
     else:
         _check_kernel_head_dim(q, TOPK_KERNEL_HEAD_DIMS, "top-k gather")
         idx = _shared_to_per_query(tokens, qb, 0, sq, sk)

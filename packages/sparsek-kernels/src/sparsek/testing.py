@@ -51,8 +51,8 @@ def pytest_collection_modifyitems(config, items) -> None:  # pragma: no cover - 
 
     arch = cuda_arch()
     for item in items:
-        if arch is None and any(item.iter_markers(m) for m in ("gpu", "sm90", "sm100")):
+        if arch is None and any(item.get_closest_marker(m) for m in ("gpu", "sm90", "sm100")):
             item.add_marker(pytest.mark.skip(reason="no CUDA GPU"))
         for want in ("sm90", "sm100"):
-            if arch is not None and any(item.iter_markers(want)) and arch != want:
+            if arch is not None and item.get_closest_marker(want) and arch != want:
                 item.add_marker(pytest.mark.skip(reason=f"needs {want}, this GPU is {arch}"))

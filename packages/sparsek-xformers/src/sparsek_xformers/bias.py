@@ -1,7 +1,7 @@
 """Mapping of xFormers ``attn_bias`` objects onto sparsek's masks.
 
 sparsek knows one mask family: a band around the **bottom-right** aligned diagonal, per (packed) sequence
-(``causal`` and ``window=(left, right)`` in [`sparsek.attention`][sparsek.attention]). Every supported xFormers
+(``causal`` and ``window=(left, right)`` of ``sparsek.attention``). Every supported xFormers
 bias is translated here into either a [`DensePlan`][sparsek_xformers.bias.DensePlan] (batched
 ``sparsek.attention``) or a [`VarlenPlan`][sparsek_xformers.bias.VarlenPlan] (packed ``sparsek.varlen_attention``
 over a list of (query range, key range) sequences). The translation only reads the host-side copies of the
@@ -247,8 +247,9 @@ _RULES: dict[type, Callable[[Any, int, int], Plan]] = {
     xab.PagedBlockDiagonalCausalWithOffsetGappyKeysMask: _paged_rule(True),
 }
 
-#: Every ``attn_bias`` type [`FwOp`][sparsek_xformers.FwOp] implements (exact types; subclasses are not implied).
 SUPPORTED_ATTN_BIAS_TYPES: tuple[type, ...] = tuple(_RULES)
+"""Every ``attn_bias`` type [`FwOp`][sparsek_xformers.FwOp] implements (``type(None)`` for no bias). Matched by exact
+type, as xFormers does: subclasses are not implied."""
 
 _VARLEN_TYPES = xab.VARLEN_BIASES
 

@@ -14,15 +14,15 @@ from .bias import SUPPORTED_ATTN_BIAS_TYPES, bias_not_supported_reasons, plan_at
 
 __all__ = ["BwOp", "FwOp", "KERNEL_HEAD_DIMS", "NO_BACKWARD_MESSAGE"]
 
-#: Head dimensions sparsek's CUDA kernels are built for. CPU tensors accept any head dimension.
 KERNEL_HEAD_DIMS: tuple[int, ...] = (64, 128, 256)
+"""Head dimensions sparsek's CUDA kernels are built for. CPU tensors accept any head dimension."""
 _CUDA_DTYPES = (torch.float16, torch.bfloat16)
 
-#: The error text for inputs that require grad (sparsek has no attention backward yet).
 NO_BACKWARD_MESSAGE = (
     "sparsek_xformers.FwOp is forward-only: sparsek has no attention backward yet, so query/key/value must not "
     "require grad (detach them, or run under torch.no_grad() / torch.inference_mode())"
 )
+"""The refusal reason (and error text) for inputs that require grad: sparsek has no attention backward yet."""
 
 # Reasons from xFormers' base class that do not apply to sparsek, by prefix:
 # - sparsek runs bf16 on any supported GPU and on CPU (the base refuses bf16 everywhere but CUDA sm80+);

@@ -101,7 +101,7 @@ __global__ void __launch_bounds__(kThreads) topk_attn_kernel(const SkTopkAttnPar
     nband = max(nband, 0);
   }
   const int band_hi = band_lo + nband - 1;
-  const int total = nband + p.num_indices;
+  const int total = p.seqlen_k > 0 ? nband + p.num_indices : 0;  // no key row to read when Sk == 0
   const int32_t* idx = p.indices + b * p.idx_batch_stride + hk * p.idx_head_stride +
                        static_cast<int64_t>(i) * p.idx_row_stride;
   const T* kbase = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;

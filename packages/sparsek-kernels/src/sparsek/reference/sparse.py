@@ -38,9 +38,7 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def sparsek_threshold_ref(
-    z: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def sparsek_threshold_ref(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Threshold ``tau`` of the SparseK projection of each row of ``z`` (last dim), solved exactly by sorting.
 
     ``f(t) = sum_i clip(z_i - t, 0, 1)`` is continuous, piecewise linear and non-increasing with breakpoints
@@ -130,7 +128,9 @@ def select_limits(
     return rows, shift + bs, bs
 
 
-def topk_rows_ref(scores: torch.Tensor, k: int, num_rows: int, off: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_rows_ref(
+    scores: torch.Tensor, k: int, num_rows: int, off: int, step: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference of the selection kernel: the ``k`` best keys of every row's candidate prefix, ascending.
 
     Args:
@@ -284,9 +284,7 @@ def topk_attention_ref(
     return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Reference for [`sparsek.sparse.topk_attention`][sparsek.sparse.topk_attention] (dense attention, explicit mask)."""
-    allowed = topk_index_mask(
-        indices, q.shape[1], k.shape[1], window=window, causal=causal, block_size=block_size
-    )
+    allowed = topk_index_mask(indices, q.shape[1], k.shape[1], window=window, causal=causal, block_size=block_size)
     return _attend(q, k, v, allowed, scale, return_lse)
 
 
@@ -361,9 +359,7 @@ def sparsek_attention_ref(
     return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Reference for [`sparsek.sparse.sparsek_attention`][sparsek.sparse.sparsek_attention]: select, then attend."""
-    idx = sparsek_select_ref(
-        scores, k_budget, seqlen_q=q.shape[1], causal=causal, window=window, block_size=block_size
-    )
+    idx = sparsek_select_ref(scores, k_budget, seqlen_q=q.shape[1], causal=causal, window=window, block_size=block_size)
     return topk_attention_ref(
         q, k, v, idx, scale=scale, window=window, causal=causal, block_size=block_size, return_lse=return_lse
     )

@@ -1,0 +1,187 @@
+"""CPU: architecture dispatch (mocked capability), the ninja build description, cache keys, the lock, fake impls."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+from pathlib import Path
+
+import pytest
+import sparsek
+import torch
+from sparsek import _lib, arch, build
+
+
+@pytest.mark.parametrize(
+    "cap,target,note",
+    [
+        ((9, 0), "sm90a", "Hopper"),
+        ((10, 0), "sm100a", "portable"),
+        ((8, 6), "sm86", "portable"),
+        ((12, 0), "sm120", ""),
+    ],
+)
+def test_target_for_capability(cap, target, note):
+    choice = arch.target_for_capability(cap)
+    assert choice.target == target
+    assert note in choice.note
+
+
+def test_old_gpu_is_refused():
+    with pytest.raises(RuntimeError, match="compute capability 8.0 or newer"):
+        arch.target_for_capability((7, 5))
+
+
+def test_device_choice_uses_capability(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert arch.device_choice().target == "sm90a"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
+    assert arch.device_choice().target == "sm100a"
+
+
+def test_gencode_flags():
+    assert arch.gencode_flag("sm90a") == "-gencode=arch=compute_90a,code=sm_90a"
+    assert arch.gencode_flag("sm100a") == "-gencode=arch=compute_100a,code=sm_100a"
+    assert arch.gencode_flag("sm86") == "-gencode=arch=compute_86,code=sm_86"
+    with pytest.raises(ValueError, match="unknown architecture"):
+        arch.gencode_flag("hopper")
+
+
+def test_ninja_file_lists_every_source_and_the_gencode(tmp_path):
+    srcs = [tmp_path / "a.cu", tmp_path / "b.cu"]
+    spec = build.BuildSpec(target="sm90a", cuda="13.0", src_hash="abc")
+    text = build.ninja_file(spec, "/opt/nvcc", srcs)
+    assert "build a.o: cu " + str(srcs[0]) in text
+    assert "build b.o: cu " + str(srcs[1]) in text
+    assert f"build {build.LIB_NAME}: link a.o b.o" in text
+    assert "-gencode=arch=compute_90a,code=sm_90a" in text
+    assert "nvcc = /opt/nvcc" in text
+
+
+def test_cache_key_changes_with_every_input(tmp_path):
+    base = build.BuildSpec(target="sm90a", cuda="13.0", src_hash="h1", version="0.1.0")
+    keys = {
+        base.key,
+        build.BuildSpec("sm100a", "13.0", "h1", "0.1.0").key,
+        build.BuildSpec("sm90a", "12.8", "h1", "0.1.0").key,
+        build.BuildSpec("sm90a", "13.0", "h2", "0.1.0").key,
+        build.BuildSpec("sm90a", "13.0", "h1", "0.2.0").key,
+    }
+    assert len(keys) == 5
+    assert base.directory(tmp_path) == tmp_path / "0.1.0-h1-cuda13.0-sm90a"
+
+
+def test_source_hash_tracks_content(tmp_path):
+    (tmp_path / "k.cu").write_text("int x;")
+    h1 = build.source_hash(tmp_path)
+    (tmp_path / "k.cuh").write_text("// header")
+    h2 = build.source_hash(tmp_path)
+    (tmp_path / "k.cu").write_text("int y;")
+    assert len({h1, h2, build.source_hash(tmp_path)}) == 3
+
+
+def test_packaged_sources_exist():
+    names = {p.name for p in build.sources()}
+    assert "fmha_fwd.cu" in names
+
+
+def test_cache_root_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPARSEK_CACHE_DIR", str(tmp_path / "c"))
+    assert build.cache_root() == tmp_path / "c"
+    assert build.built_targets() == []
+    (tmp_path / "c" / "k1").mkdir(parents=True)
+    (tmp_path / "c" / "k1" / build.LIB_NAME).write_bytes(b"")
+    assert build.built_targets() == ["k1"]
+
+
+def _hold_lock(path: str, seconds: float) -> None:
+    with build._FileLock(Path(path)):
+        time.sleep(seconds)
+
+
+def test_lock_excludes_and_is_released_when_holder_dies(tmp_path):
+    lock = tmp_path / "x.lock"
+    ctx = mp.get_context("spawn")
+    holder = ctx.Process(target=_hold_lock, args=(str(lock), 60))
+    holder.start()
+    time.sleep(2.0)  # let it take the lock
+    t0 = time.time()
+    holder.kill()  # a killed build must not leave a stale lock
+    holder.join()
+    with build._FileLock(lock):
+        pass
+    assert time.time() - t0 < 10
+
+
+def test_build_without_nvcc_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(build, "find_nvcc", lambda: None)
+    with pytest.raises(build.BuildError, match="nvcc not found"):
+        build.build("sm90a")
+
+
+def test_kernel_unavailable_message(monkeypatch):
+    monkeypatch.setattr(build, "find_nvcc", lambda: None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    _lib._libs.pop("sm90a", None)
+    with pytest.raises(_lib.KernelUnavailable, match="SPARSEK_ALLOW_FALLBACK"):
+        _lib.load(torch.device("cuda", 0))
+
+
+def test_fallback_flag(monkeypatch):
+    monkeypatch.setenv("SPARSEK_ALLOW_FALLBACK", "1")
+    assert _lib.fallback_allowed()
+    monkeypatch.setenv("SPARSEK_ALLOW_FALLBACK", "0")
+    assert not _lib.fallback_allowed()
+
+
+def test_params_struct_matches_header():
+    """Every field of the C struct appears in the ctypes mirror, in order."""
+    import re
+
+    header = (Path(sparsek.__file__).parent / "csrc" / "sparsek_abi.h").read_text()
+    body = header[header.index("typedef struct {") : header.index("} SkFmhaParams;")]
+    body = re.sub(r"//[^\n]*", "", body)
+    names = []
+    for decl in body.split(";"):
+        decl = decl.strip()
+        if not decl or decl.startswith("typedef"):
+            decl = decl.replace("typedef struct {", "").strip()
+            if not decl:
+                continue
+        parts = decl.replace("*", " ").split()
+        names += [n.strip(",") for n in " ".join(parts[1:]).split(",") if n.strip()]
+    names = [n.split()[-1] for n in names]
+    assert names == [f[0] for f in _lib.SkFmhaParams._fields_]
+
+
+def test_fake_impl_under_compile_and_opcheck():
+    q = torch.randn(2, 7, 4, 16)
+    k = torch.randn(2, 9, 2, 16)
+    torch.library.opcheck(torch.ops.sparsek.fmha_fwd.default, (q, k, k.clone(), None, None, 7, 9, 0.25, -1, 0, True))
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    qv = torch.randn(7, 4, 16)
+    torch.library.opcheck(
+        torch.ops.sparsek.fmha_fwd.default, (qv, qv.clone(), qv.clone(), cu, cu, 4, 4, 0.25, 2, -1, True)
+    )
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        fq = torch.empty(2, 7, 4, 16)
+        fk = torch.empty(2, 9, 2, 16)
+        out, lse = torch.ops.sparsek.fmha_fwd(fq, fk, fk, None, None, 7, 9, 0.25, -1, -1, True)
+        assert out.shape == (2, 7, 4, 16) and lse.shape == (2, 4, 7)
+    f = torch.compile(lambda a, b, c: sparsek.attention(a, b, c, causal=True, return_lse=True), fullgraph=True)
+    o1, l1 = f(q, k, k)
+    o2, l2 = sparsek.attention(q, k, k, causal=True, return_lse=True)
+    assert torch.allclose(o1, o2) and torch.allclose(l1, l2)
+
+
+def test_nothing_compiled_at_import():
+    code = "import sparsek, sparsek._lib as l; assert not l._libs; print('ok')"
+    import subprocess
+    import sys
+
+    env = dict(os.environ, SPARSEK_CACHE_DIR="/nonexistent/sparsek-cache")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
