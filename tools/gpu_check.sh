@@ -36,7 +36,7 @@ if has build; then
 fi
 
 if has tests; then
-  $PY -m pytest packages -m "gpu or sm90" -q -p no:cacheprovider --junitxml="$OUT/junit.xml" >"$OUT/pytest.log" 2>&1
+  $PY -m pytest ${TEST_PATHS:-packages} -m "gpu or sm90" -q -p no:cacheprovider --junitxml="$OUT/junit.xml" >"$OUT/pytest.log" 2>&1
   summary+=("gpu tests: $(tail -1 "$OUT/pytest.log")")
   grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -40
 fi

@@ -7,7 +7,8 @@ Usage (needs a CUDA GPU)::
 Each case runs ``xformers.ops.memory_efficient_attention`` twice: with ``op=(sparsek_xformers.FwOp, None)`` and with
 no ``op`` (xFormers picks its operator; its name is shown). Times are CUDA-event medians over ``--iters`` runs after
 ``--warmup`` runs, in microseconds, and include each operator's Python-side work (for sparsek: the bias mapping
-and, for padded/paged keys, the key gather). The Markdown table is printed and written to ``--out``.
+and, for padded/paged keys, the key gather). "rel. diff" is ``‖sparsek − xFormers‖ / ‖xFormers‖`` of the outputs.
+The Markdown table is printed and written to ``--out``.
 """
 
 from __future__ import annotations
@@ -125,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     import sparsek_xformers
     import xformers
     import xformers.ops as xops
+    from sparsek.testing import rel_error
     from xformers.ops import fmha
     from xformers.ops.fmha.common import Inputs
 
@@ -141,14 +143,19 @@ def main(argv: list[str] | None = None) -> int:
 
         with torch.inference_mode():
             t_sk = time_us(run_sparsek, args.iters, args.warmup)
+            op_name = None
             try:
                 inp = Inputs(case.q, case.k, case.v, case.bias)
                 op_name = fmha._dispatch_fw(inp, False).NAME
                 t_xf = time_us(run_xformers, args.iters, args.warmup)
                 xf, speedup = f"{t_xf:.1f}", f"{t_xf / t_sk:.2f}x"
-            except Exception as e:  # no xFormers operator for these inputs on this machine
-                op_name, xf, speedup = f"none ({type(e).__name__})", "n/a", "n/a"
-        rows.append(f"| {case.name} | {case.shape} | {args.dtype} | {t_sk:.1f} | {op_name} | {xf} | {speedup} |")
+                err = f"{rel_error(run_sparsek(), run_xformers()):.1e}"
+            except Exception as e:  # no (working) xFormers operator for these inputs here
+                op_name = f"{op_name or 'none'} (failed: {type(e).__name__})"
+                xf, speedup, err = "n/a", "n/a", "n/a"
+        rows.append(
+            f"| {case.name} | {case.shape} | {args.dtype} | {t_sk:.1f} | {op_name} | {xf} | {speedup} | {err} |"
+        )
         print(rows[-1], flush=True)
 
     header = [
@@ -160,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     if note:
         header.append(note)
     table = [
-        "| case | shape | dtype | sparsek FwOp (us) | xFormers default op | xFormers (us) | speedup |",
-        "|---|---|---|---:|---|---:|---:|",
+        "| case | shape | dtype | sparsek FwOp (us) | xFormers default op | xFormers (us) | speedup | rel. diff |",
+        "|---|---|---|---:|---|---:|---:|---:|",
         *rows,
     ]
     text = "\n".join(header) + "\n\n" + "\n".join(table) + "\n"

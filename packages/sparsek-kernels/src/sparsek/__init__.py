@@ -1,12 +1,27 @@
 """sparsek: fast dense and sparse attention kernels for NVIDIA Hopper and Blackwell GPUs.
 
-Public API: [`attention`][sparsek.attention], [`varlen_attention`][sparsek.varlen_attention] and the
-pure-PyTorch references in [`sparsek.reference`][sparsek.reference]. Nothing is compiled at import; the CUDA
-library is built just in time on first use on a GPU (see [`sparsek.build`][sparsek.build]).
+Public API: dense [`attention`][sparsek.attention] and [`varlen_attention`][sparsek.varlen_attention];
+SparseK sparse attention ([`sparsek_select`][sparsek.sparse.sparsek_select], [`sparsek_mask`][sparsek.sparse.sparsek_mask],
+[`topk_attention`][sparsek.sparse.topk_attention], [`block_sparse_attention`][sparsek.sparse.block_sparse_attention],
+[`sparsek_attention`][sparsek.sparse.sparsek_attention]); the pure-PyTorch references in
+[`sparsek.reference`][sparsek.reference]. Nothing is compiled at import; the CUDA library is built just in time on
+first use on a GPU (see [`sparsek.build`][sparsek.build]).
 """
 
-from . import reference
+from . import reference, sparse
 from ._version import __version__
 from .attention import attention, varlen_attention
+from .sparse import block_sparse_attention, sparsek_attention, sparsek_mask, sparsek_select, topk_attention
 
-__all__ = ["__version__", "attention", "reference", "varlen_attention"]
+__all__ = [
+    "__version__",
+    "attention",
+    "block_sparse_attention",
+    "reference",
+    "sparse",
+    "sparsek_attention",
+    "sparsek_mask",
+    "sparsek_select",
+    "topk_attention",
+    "varlen_attention",
+]

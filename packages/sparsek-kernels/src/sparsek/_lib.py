@@ -11,7 +11,7 @@ import torch
 
 from .arch import device_choice
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 _LOG2E = 1.0 / math.log(2.0)
 _i64, _i32, _ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
 
@@ -34,7 +34,7 @@ class SkFmhaParams(ctypes.Structure):
         ("block_table_batch_stride", _i64),
         ("batch", _i32), ("heads_q", _i32), ("heads_kv", _i32), ("seqlen_q", _i32), ("seqlen_k", _i32),
         ("head_dim", _i32), ("page_size", _i32), ("window_left", _i32), ("window_right", _i32),
-        ("is_bf16", _i32), ("scale_log2", ctypes.c_float),
+        ("is_bf16", _i32), ("scale_log2", ctypes.c_float), ("total_q", _i32), ("total_k", _i32),
     ]  # fmt: skip
 
 
@@ -151,7 +151,7 @@ def fmha_fwd(
         block_table.stride(0) if paged else 0,
         batch, q.shape[-2], k.shape[-2], max_seqlen_q, max_seqlen_k, q.shape[-1],
         k.shape[1] if paged else 0, window_left, window_right,
-        int(q.dtype == torch.bfloat16), scale * _LOG2E,
+        int(q.dtype == torch.bfloat16), scale * _LOG2E, q.shape[-3], k.shape[-3],
     )  # fmt: skip
     stream = torch.cuda.current_stream(q.device).cuda_stream
     check(lib, lib.sk_fmha_fwd(ctypes.byref(p), ctypes.c_void_p(stream)), "fmha forward")

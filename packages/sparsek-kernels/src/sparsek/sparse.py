@@ -238,7 +238,9 @@ def _attn_alloc(q: torch.Tensor, return_lse: bool) -> tuple[torch.Tensor, torch.
     return out, q.new_empty(shape, dtype=torch.float32)
 
 
-def _into(q: torch.Tensor, ref: tuple[torch.Tensor, torch.Tensor], return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _into(
+    q: torch.Tensor, ref: tuple[torch.Tensor, torch.Tensor], return_lse: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Copy a reference result into freshly allocated outputs with the kernels' (contiguous) layout."""
     out, lse = _attn_alloc(q, return_lse)
     out.copy_(ref[0])
@@ -449,14 +451,17 @@ def sparsek_select(
 
 
 def _shared_to_fmha(
-    idx: torch.Tensor, block_size: int, window: int, sq: int, sk: int
+    idx: torch.Tensor, block_size: int, window: int, sq: int, sk: int, head_dim: int = 128
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Block-shared lists → FMHA index lists: drop keys overlapping the block's bands, re-block to 64/128."""
+    """Block-shared lists → FMHA index lists: drop keys overlapping the block's bands, re-block to 64/128.
+
+    The FMHA kernel takes 64- or 128-query tiles (64 only for head dim 256).
+    """
     rows = idx.shape[2]
     if window > 0:
         p0 = torch.arange(rows, device=idx.device, dtype=torch.int32) * block_size + (sk - sq)
         idx = torch.where(idx <= (p0 - window).view(1, 1, rows, 1), idx, torch.full_like(idx, -1))
-    ibq = 128 if block_size % 128 == 0 else 64
+    ibq = 128 if block_size % 128 == 0 and head_dim != 256 else 64
     if block_size != ibq:
         idx = idx.repeat_interleave(block_size // ibq, dim=2)[:, :, : -(-sq // ibq)]
     idx = idx.contiguous()
@@ -522,7 +527,7 @@ def topk_attention(
     scale = check_scale(scale, q.shape[-1])
     if block_size is not None and block_size % 64 == 0:
         _check_kernel_head_dim(q, INDEX_KERNEL_HEAD_DIMS, "FMHA index-list")
-        idx, counts, ibq = _shared_to_fmha(indices, block_size, window, sq, sk)
+        idx, counts, ibq = _shared_to_fmha(indices, block_size, window, sq, sk, q.shape[-1])
         out, lse = torch.ops.sparsek.index_attn_fwd(
             q, k, v, idx, counts, ibq, scale, window - 1 if window > 0 else -1, 0 if causal else -1, return_lse
         )
@@ -651,7 +656,7 @@ def block_sparse_attention(
     tokens = _expand_blocks(_sort_padded(lists), kb, sk)
     if qb % 64 == 0:
         _check_kernel_head_dim(q, INDEX_KERNEL_HEAD_DIMS, "FMHA index-list")
-        idx, counts, ibq = _shared_to_fmha(tokens, qb, 0, sq, sk)
+        idx, counts, ibq = _shared_to_fmha(tokens, qb, 0, sq, sk, q.shape[-1])
         out, lse = torch.ops.sparsek.index_attn_fwd(
             q, k, v, idx, counts, ibq, scale, -1, 0 if causal else -1, return_lse
         )

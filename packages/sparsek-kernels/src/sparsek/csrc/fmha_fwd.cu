@@ -5,7 +5,10 @@
 #include <cstdlib>
 #include <mutex>
 
+#include <cudaTypedefs.h>
+
 #include "fmha_kernel.cuh"
+#include "fmha_sm90.cuh"
 
 namespace sparsek {
 
@@ -52,8 +55,106 @@ static int tile_override() {
   return v;
 }
 
+// ---- Hopper path ------------------------------------------------------------------------------------------------
+static PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess)
+      f = nullptr;
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+static int device_major() {
+  static int major = -1;
+  if (major < 0) {
+    int dev = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  }
+  return major;
+}
+
+// 4-D map over [batch, rows, heads, dim] (innermost first: dim, rows, heads, batch), 64-column boxes, 128B swizzle.
+static bool make_map(CUtensorMap* map, const void* ptr, bool bf16, int dim, int rows, int heads, int batch,
+                     int64_t row_stride, int64_t head_stride, int64_t batch_stride, int box_rows) {
+  auto fn = encode_fn();
+  if (!fn) return false;
+  if (reinterpret_cast<uintptr_t>(ptr) % 16) return false;
+  const int64_t strides_el[3] = {row_stride, head_stride, batch_stride};
+  cuuint64_t gdim[4] = {(cuuint64_t)dim, (cuuint64_t)rows, (cuuint64_t)heads, (cuuint64_t)batch};
+  cuuint64_t gstride[3];
+  for (int i = 0; i < 3; ++i) {
+    int64_t st = strides_el[i] * 2;
+    if (gdim[i + 1] == 1 && (st <= 0 || st % 16)) st = 16;  // unused extent: any legal stride
+    if (st <= 0 || st % 16 || st >= (int64_t(1) << 40)) return false;
+    gstride[i] = (cuuint64_t)st;
+  }
+  cuuint32_t box[4] = {64, (cuuint32_t)box_rows, 1, 1};
+  cuuint32_t estride[4] = {1, 1, 1, 1};
+  CUresult r = fn(map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
+                  const_cast<void*>(ptr), gdim, gstride, box, estride, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                  CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS;
+}
+
+static bool sm90_disabled() {
+  static const bool v = std::getenv("SPARSEK_DISABLE_SM90") != nullptr;
+  return v;
+}
+
+// Launches the wgmma kernel when the call qualifies (Hopper, dense or varlen, 16-byte aligned strides); returns
+// false (and launches nothing) otherwise so the caller uses the portable kernel.
+template <int kD, int kBN, int kStages, typename T>
+static bool try_launch_sm90(const SkFmhaParams& p, cudaStream_t stream, cudaError_t* err) {
+  using Tr = sm90::Sm90Traits<kD, kBN, kStages, T>;
+  const bool varlen_q = p.cu_seqlens_q != nullptr, varlen_k = p.cu_seqlens_k != nullptr;
+  const bool bf16 = p.is_bf16 != 0;
+  sm90::TmaParams tma;
+  if (!make_map(&tma.q, p.q, bf16, kD, p.total_q, p.heads_q, varlen_q ? 1 : p.batch, p.q_row_stride, p.q_head_stride,
+                p.q_batch_stride, Tr::kBM) ||
+      !make_map(&tma.k, p.k, bf16, kD, p.total_k, p.heads_kv, varlen_k ? 1 : p.batch, p.k_row_stride,
+                p.k_head_stride, p.k_batch_stride, kBN) ||
+      !make_map(&tma.v, p.v, bf16, kD, p.total_k, p.heads_kv, varlen_k ? 1 : p.batch, p.v_row_stride,
+                p.v_head_stride, p.v_batch_stride, kBN))
+    return false;
+  auto kernel = sm90::fmha_sm90_kernel<Tr>;
+  static std::once_flag once;
+  static cudaError_t attr_err = cudaSuccess;
+  std::call_once(once, [&] {
+    attr_err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
+  });
+  if (attr_err != cudaSuccess) {
+    *err = attr_err;
+    return true;
+  }
+  dim3 grid((p.seqlen_q + Tr::kBM - 1) / Tr::kBM, p.heads_q, p.batch);
+  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p, tma);
+  *err = cudaGetLastError();
+  return true;
+}
+
+template <typename T>
+static bool dispatch_sm90(const SkFmhaParams& p, cudaStream_t stream, cudaError_t* err) {
+  if (device_major() != 9 || sm90_disabled() || p.block_table || p.kv_indices || p.seqused_k) return false;
+  if ((p.cu_seqlens_q == nullptr) != (p.cu_seqlens_k == nullptr)) return false;
+  switch (p.head_dim) {
+    case 64:
+      return try_launch_sm90<64, 128, 4, T>(p, stream, err);
+    case 128:
+      return try_launch_sm90<128, 128, 3, T>(p, stream, err);
+    default:
+      return false;
+  }
+}
+
 template <typename T>
 static cudaError_t dispatch(const SkFmhaParams& p, cudaStream_t stream) {
+  cudaError_t err = cudaSuccess;
+  if (dispatch_sm90<T>(p, stream, &err)) return err;
   // Small grids leave SMs idle with 128-row tiles: use 64-row tiles when 128 would give under two waves.
   bool small_tiles;
   if (p.kv_indices) {
@@ -100,4 +201,4 @@ extern "C" const char* sk_error_string(int code) {
   }
 }
 
-extern "C" int sk_abi_version(void) { return 1; }
+extern "C" int sk_abi_version(void) { return 2; }

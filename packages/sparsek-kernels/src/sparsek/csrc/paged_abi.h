@@ -75,6 +75,15 @@ int64_t sk_paged_decode_workspace_floats(int32_t batch, int32_t heads_q, int32_t
 // Heuristic number of KV splits for a decode batch on the current device (1 = no split).
 int32_t sk_paged_decode_num_splits(int32_t batch, int32_t heads_q, int32_t heads_kv, int32_t max_seqlen_k);
 
+// Negative error codes of the paged kernels (cudaError_t values are non-negative).
+enum {
+  SK_PAGED_ERR_ELEM_BYTES = -101,
+  SK_PAGED_ERR_HEAD_DIM = -102,
+  SK_PAGED_ERR_HEADS = -103,
+  SK_PAGED_ERR_BLOCK_SIZE = -104,
+  SK_PAGED_ERR_SPLITS = -105,
+};
+
 const char* sk_paged_error_string(int code);
 int sk_paged_abi_version(void);
 

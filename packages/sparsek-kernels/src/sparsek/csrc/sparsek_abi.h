@@ -44,6 +44,7 @@ typedef struct {
   int32_t window_left, window_right;  // -1 = unbounded; causal is window_right = 0
   int32_t is_bf16;
   float scale_log2;  // softmax scale * log2(e)
+  int32_t total_q, total_k;  // rows of the q / k tensors (varlen: packed totals; dense: seqlen_q / seqlen_k)
 } SkFmhaParams;
 
 // Returns 0 (cudaSuccess) or a cudaError_t / negative sparsek error code; never aborts.

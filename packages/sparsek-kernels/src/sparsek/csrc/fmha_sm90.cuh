@@ -1,0 +1,345 @@
+// Hopper (sm_90a) FMHA forward: TMA loads completing on mbarriers, wgmma tensor-core GEMMs, warp specialization.
+//
+// CTA = 3 warpgroups. Warpgroup 0 is the producer: one thread issues bulk tensor copies (TMA) of the Q tile once and of
+// K/V tiles into a kStages-deep ring, gated by "empty" mbarriers; it gives registers back with setmaxnreg.dec.
+// Warpgroups 1 and 2 are consumers (setmaxnreg.inc), each owning 64 query rows: S = Q K^T with both operands in shared
+// memory (wgmma, 128-byte swizzle as written by TMA), online softmax on the accumulators, then O += P V with P from
+// registers and V in shared memory (transpose-B). Only compiled for sm_90a; dense and varlen, any causal/window band.
+#pragma once
+
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#include "fmha_kernel.cuh"
+#include "wgmma_ops.cuh"
+
+namespace sparsek {
+namespace sm90 {
+
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define SPARSEK_SM90_ENABLED 1
+#endif
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count));
+}
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes));
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)));
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, int parity) {
+  asm volatile(
+      "{\n.reg .pred done;\nWAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT_%=;\n}\n" ::"r"(smem_u32(bar)),
+      "r"(parity));
+}
+
+__device__ __forceinline__ void tma_load_4d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1, int c2,
+                                            int c3) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
+      "[%6];\n" ::"r"(smem_u32(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(smem_u32(bar))
+      : "memory");
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Keeps the compiler from moving accumulator reads/writes across the asynchronous wgmma boundary.
+template <int N>
+__device__ __forceinline__ void fence_operands(float* r) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+
+template <int kRegs>
+__device__ __forceinline__ void setmaxnreg_inc() {
+#ifdef SPARSEK_SM90_ENABLED
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+#endif
+}
+template <int kRegs>
+__device__ __forceinline__ void setmaxnreg_dec() {
+#ifdef SPARSEK_SM90_ENABLED
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+#endif
+}
+
+// Shared-memory matrix descriptor for a 128-byte-swizzled tile (layout type 1 in bits 62-63).
+__device__ __forceinline__ uint64_t make_desc(const void* smem, uint32_t lbo_bytes, uint32_t sbo_bytes) {
+  const uint32_t addr = smem_u32(smem);
+  uint64_t d = 0;
+  d |= (uint64_t)((addr & 0x3FFFF) >> 4);
+  d |= (uint64_t)((lbo_bytes >> 4) & 0x3FFF) << 16;
+  d |= (uint64_t)((sbo_bytes >> 4) & 0x3FFF) << 32;
+  d |= (uint64_t)1 << 62;
+  return d;
+}
+
+// O += P V for one K/V tile: P from registers (A), V tile MN-major in shared memory (transpose-B): its 64-column
+// blocks lie kBN*128 bytes apart (leading byte offset) and 8-key swizzle atoms 1024 bytes apart (stride byte offset).
+template <typename Tr>
+__device__ __forceinline__ void issue_pv(float* acc_o, const uint32_t (*pa)[4], const typename Tr::T* cV) {
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < Tr::kBN / 16; ++kk) {
+    const uint64_t dv = make_desc(cV + kk * 16 * 64, Tr::kBN * 128, 1024);
+    wgmma_rs_tb<Tr::kD, typename Tr::T>(acc_o, pa[kk], dv, 1);
+  }
+  wgmma_commit();
+}
+
+struct TmaParams {
+  CUtensorMap q, k, v;
+};
+
+template <int kD_, int kBN_, int kStages_, typename T_>
+struct Sm90Traits {
+  using T = T_;
+  static constexpr int kD = kD_, kBN = kBN_, kStages = kStages_;
+  static constexpr int kBM = 128;  // two consumer warpgroups of 64 rows
+  static constexpr int kThreads = 384;
+  static constexpr int kBlocksD = kD / 64;  // 64-column (128-byte) swizzle blocks per row
+  static constexpr int kQBytes = kBM * kD * 2;
+  static constexpr int kKVBytes = kBN * kD * 2;  // one K (or V) tile
+  static constexpr int kSmemBytes = 1024 /*alignment slack*/ + kQBytes + 2 * kStages * kKVBytes + 128 /*barriers*/;
+};
+
+template <typename Tr>
+__global__ void __launch_bounds__(Tr::kThreads, 1)
+    fmha_sm90_kernel(const __grid_constant__ SkFmhaParams p, const __grid_constant__ TmaParams tma) {
+#ifdef SPARSEK_SM90_ENABLED
+  using T = typename Tr::T;
+  constexpr int kD = Tr::kD, kBN = Tr::kBN, kBM = Tr::kBM, kStages = Tr::kStages, kBlocksD = Tr::kBlocksD;
+  constexpr int kNT = kBN / 8, kDT = kD / 8;
+
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* base = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  T* sQ = reinterpret_cast<T*>(base);                            // [kBlocksD][kBM][64]
+  T* sK = reinterpret_cast<T*>(base + Tr::kQBytes);              // [kStages][kBlocksD][kBN][64]
+  T* sV = reinterpret_cast<T*>(base + Tr::kQBytes + kStages * Tr::kKVBytes);
+  uint64_t* bars = reinterpret_cast<uint64_t*>(base + Tr::kQBytes + 2 * kStages * Tr::kKVBytes);
+  uint64_t* q_full = bars;
+  uint64_t* k_full = bars + 1;
+  uint64_t* v_full = k_full + kStages;
+  uint64_t* k_empty = v_full + kStages;
+  uint64_t* v_empty = k_empty + kStages;
+
+  const int tid = threadIdx.x;
+  const int wg = tid / 128;
+  const int h = blockIdx.y;
+  const int hk = h / (p.heads_q / p.heads_kv);
+
+  // Sequence geometry (same conventions as the portable kernel).
+  const int b = blockIdx.z;
+  int q_start = 0, sq = p.seqlen_q, k_start = 0, sk = p.seqlen_k;
+  if (p.cu_seqlens_q) {
+    q_start = p.cu_seqlens_q[b];
+    sq = p.cu_seqlens_q[b + 1] - q_start;
+  }
+  if (p.cu_seqlens_k) {
+    k_start = p.cu_seqlens_k[b];
+    sk = p.cu_seqlens_k[b + 1] - k_start;
+  }
+  const int m_block = (p.window_right >= 0 && p.window_left < 0) ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  const int m0 = m_block * kBM;
+  if (m0 >= sq) return;
+  const int off = sk - sq;
+  const int pos_min = m0 + off;
+  const int pos_max = min(m0 + kBM, sq) - 1 + off;
+  int lo = p.window_left >= 0 ? max(0, pos_min - p.window_left) : 0;
+  int hi = p.window_right >= 0 ? min(sk, pos_max + p.window_right + 1) : sk;
+  lo = (lo / kBN) * kBN;
+  if (hi < lo) hi = lo;
+  const int n_tiles = (hi - lo + kBN - 1) / kBN;
+  // TMA coordinates: varlen tensors are [total, H, D] viewed with batch extent 1.
+  const int qb = p.cu_seqlens_q ? 0 : b, kb = p.cu_seqlens_k ? 0 : b;
+
+  if (tid == 0) {
+    mbar_init(q_full, 1);
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(&k_full[s], 1);
+      mbar_init(&v_full[s], 1);
+      mbar_init(&k_empty[s], 256);
+      mbar_init(&v_empty[s], 256);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (wg == 0) {  // ---------------------------------------------------------------- producer
+    setmaxnreg_dec<40>();
+    if (tid == 0) {
+      mbar_expect_tx(q_full, Tr::kQBytes);
+      for (int c = 0; c < kBlocksD; ++c) tma_load_4d(sQ + c * kBM * 64, &tma.q, q_full, c * 64, q_start + m0, h, qb);
+      for (int tile = 0; tile < n_tiles; ++tile) {
+        const int stage = tile % kStages;
+        const int empty_phase = ((tile / kStages) - 1) & 1;
+        const int row = k_start + lo + tile * kBN;
+        T* dK = sK + stage * (Tr::kKVBytes / 2);
+        T* dV = sV + stage * (Tr::kKVBytes / 2);
+        if (tile >= kStages) mbar_wait(&k_empty[stage], empty_phase);
+        mbar_expect_tx(&k_full[stage], Tr::kKVBytes);
+        for (int c = 0; c < kBlocksD; ++c) tma_load_4d(dK + c * kBN * 64, &tma.k, &k_full[stage], c * 64, row, hk, kb);
+        if (tile >= kStages) mbar_wait(&v_empty[stage], empty_phase);
+        mbar_expect_tx(&v_full[stage], Tr::kKVBytes);
+        for (int c = 0; c < kBlocksD; ++c) tma_load_4d(dV + c * kBN * 64, &tma.v, &v_full[stage], c * 64, row, hk, kb);
+      }
+    }
+    return;
+  }
+
+  // ------------------------------------------------------------------------------------ consumers
+  setmaxnreg_inc<232>();
+  const int ctid = tid - 128 * wg;  // thread within the consumer warpgroup
+  const int warp = ctid >> 5, lane = ctid & 31, g = lane >> 2, t4 = lane & 3;
+  const int wrow = (wg - 1) * 64;  // this warpgroup's first row in the block
+  const int r0 = wrow + warp * 16 + g;  // rows r0 and r0 + 8
+  const int qpos[2] = {m0 + r0 + off, m0 + r0 + 8 + off};
+
+  float acc_o[kD / 2];
+#pragma unroll
+  for (int i = 0; i < kD / 2; ++i) acc_o[i] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY};  // in log2 units (scaled)
+  float row_sum[2] = {0.f, 0.f};
+  const float scale = p.scale_log2;
+
+  mbar_wait(q_full, 0);
+
+  // Software pipeline (FA3's intra-warpgroup overlap): while the tensor cores run O += P_{j-1} V_{j-1}, this warpgroup
+  // computes the softmax of S_j. Empty barriers are per operand, so K_j's slot is released as soon as S_j is done.
+  float acc_s[kBN / 2];
+  uint32_t pa[kBN / 16][4];
+  for (int tile = 0; tile < n_tiles; ++tile) {
+    const int stage = tile % kStages;
+    const int phase = (tile / kStages) & 1;
+    const int prev = (tile + kStages - 1) % kStages;
+    const T* cK = sK + stage * (Tr::kKVBytes / 2);
+
+    mbar_wait(&k_full[stage], phase);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      const int c = kk / 4, kin = (kk % 4) * 16;  // 64-column block and element offset inside the 128-byte row
+      const uint64_t da = make_desc(sQ + c * kBM * 64 + wrow * 64 + kin, 16, 1024);
+      const uint64_t db = make_desc(cK + c * kBN * 64 + kin, 16, 1024);
+      wgmma_ss<kBN, T>(acc_s, da, db, kk > 0 ? 1 : 0);
+    }
+    wgmma_commit();
+    if (tile > 0) {  // O += P_{j-1} V_{j-1}, overlapping the softmax below
+      mbar_wait(&v_full[prev], ((tile - 1) / kStages) & 1);
+      issue_pv<Tr>(acc_o, pa, sV + prev * (Tr::kKVBytes / 2));
+      wgmma_wait<1>();
+    } else {
+      wgmma_wait<0>();
+    }
+    fence_operands<kBN / 2>(acc_s);
+    mbar_arrive(&k_empty[stage]);
+
+    // Mask (tile-level test first), online softmax in log2 units.
+    const int n0 = lo + tile * kBN;
+    const bool need_mask = n0 + kBN > hi || (p.window_right >= 0 && n0 + kBN - 1 > pos_min + p.window_right) ||
+                           (p.window_left >= 0 && n0 < pos_max - p.window_left);
+    if (need_mask) {
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int j = n0 + nt * 8 + 2 * t4 + (e & 1);
+          const int qp = qpos[e >> 1];
+          const bool ok = j < hi && (p.window_right < 0 || j <= qp + p.window_right) &&
+                          (p.window_left < 0 || j >= qp - p.window_left);
+          if (!ok) acc_s[nt * 4 + e] = -INFINITY;
+        }
+      }
+    }
+    float corr[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt) mx = fmaxf(mx, fmaxf(acc_s[nt * 4 + 2 * r], acc_s[nt * 4 + 2 * r + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+      const float new_max = fmaxf(row_max[r], mx * scale);
+      const float base_r = new_max == -INFINITY ? 0.f : new_max;
+      corr[r] = exp2f(row_max[r] - base_r);
+      row_max[r] = new_max;
+      float sum = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt) {
+        acc_s[nt * 4 + 2 * r] = exp2f(fmaf(acc_s[nt * 4 + 2 * r], scale, -base_r));
+        acc_s[nt * 4 + 2 * r + 1] = exp2f(fmaf(acc_s[nt * 4 + 2 * r + 1], scale, -base_r));
+        sum += acc_s[nt * 4 + 2 * r] + acc_s[nt * 4 + 2 * r + 1];
+      }
+      row_sum[r] = row_sum[r] * corr[r] + sum;
+    }
+    if (tile > 0) {
+      wgmma_wait<0>();
+      fence_operands<kD / 2>(acc_o);
+      mbar_arrive(&v_empty[prev]);
+    }
+#pragma unroll
+    for (int dt = 0; dt < kDT; ++dt) {
+      acc_o[dt * 4 + 0] *= corr[0];
+      acc_o[dt * 4 + 1] *= corr[0];
+      acc_o[dt * 4 + 2] *= corr[1];
+      acc_o[dt * 4 + 3] *= corr[1];
+    }
+    // P as the register A operand: k16 step kk uses S n8 tiles 2kk and 2kk+1.
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) {
+      pa[kk][0] = Pack2<T>::pack(acc_s[(2 * kk) * 4 + 0], acc_s[(2 * kk) * 4 + 1]);
+      pa[kk][1] = Pack2<T>::pack(acc_s[(2 * kk) * 4 + 2], acc_s[(2 * kk) * 4 + 3]);
+      pa[kk][2] = Pack2<T>::pack(acc_s[(2 * kk + 1) * 4 + 0], acc_s[(2 * kk + 1) * 4 + 1]);
+      pa[kk][3] = Pack2<T>::pack(acc_s[(2 * kk + 1) * 4 + 2], acc_s[(2 * kk + 1) * 4 + 3]);
+    }
+  }
+  if (n_tiles > 0) {  // last O += P V
+    const int last = (n_tiles - 1) % kStages;
+    mbar_wait(&v_full[last], ((n_tiles - 1) / kStages) & 1);
+    issue_pv<Tr>(acc_o, pa, sV + last * (Tr::kKVBytes / 2));
+    wgmma_wait<0>();
+    fence_operands<kD / 2>(acc_o);
+    mbar_arrive(&v_empty[last]);
+  }
+
+  // Epilogue: normalize and store straight from registers; LSE in natural log.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    row_sum[r] += __shfl_xor_sync(0xffffffff, row_sum[r], 1);
+    row_sum[r] += __shfl_xor_sync(0xffffffff, row_sum[r], 2);
+  }
+  const float inv[2] = {row_sum[0] > 0.f ? 1.f / row_sum[0] : 0.f, row_sum[1] > 0.f ? 1.f / row_sum[1] : 0.f};
+  T* obase = reinterpret_cast<T*>(p.o) + b * p.o_batch_stride + (int64_t)q_start * p.o_row_stride + h * p.o_head_stride;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = m0 + r0 + 8 * r;
+    if (row < sq) {
+      T* orow = obase + (int64_t)row * p.o_row_stride;
+#pragma unroll
+      for (int dt = 0; dt < kDT; ++dt) {
+        *reinterpret_cast<uint32_t*>(orow + dt * 8 + 2 * t4) =
+            Pack2<T>::pack(acc_o[dt * 4 + 2 * r] * inv[r], acc_o[dt * 4 + 2 * r + 1] * inv[r]);
+      }
+      if (p.lse && t4 == 0) {
+        constexpr float kLn2 = 0.69314718055994530942f;
+        p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + q_start + row] =
+            row_sum[r] > 0.f ? (row_max[r] + log2f(row_sum[r])) * kLn2 : -INFINITY;
+      }
+    }
+  }
+#endif
+}
+
+}  // namespace sm90
+}  // namespace sparsek

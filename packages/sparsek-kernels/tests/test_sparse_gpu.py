@@ -1,0 +1,177 @@
+"""GPU tests of sparsek.sparse: selection kernel, per-query gather kernel and FMHA index-list path vs references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sparsek import sparse
+from sparsek.reference import sparse as R
+from sparsek.testing import poison_, rel_error, tolerance
+
+pytestmark = pytest.mark.gpu
+
+DEV = "cuda"
+
+
+def _poison_cache(*shapes_dtypes) -> None:
+    """Fill freed blocks of the caching allocator with NaN, so outputs allocated next start poisoned."""
+    bufs = [poison_(torch.empty(s, dtype=d, device=DEV)) for s, d in shapes_dtypes]
+    del bufs
+
+
+def _qkv(b, sq, sk, hq, hk, d, dtype, seed=0):
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    return tuple(
+        torch.randn(b, s, h, d, device=DEV, dtype=dtype, generator=gen) for s, h in ((sq, hq), (sk, hk), (sk, hk))
+    )
+
+
+def _check(out, lse, ref_out, ref_lse, dtype):
+    assert torch.isfinite(out).all(), "NaN/inf in the output"
+    assert rel_error(out, ref_out) <= tolerance(dtype)
+    ref_lse = ref_lse.to(lse.device)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    fin = torch.isfinite(ref_lse)
+    assert torch.allclose(lse[fin], ref_lse[fin], atol=2e-3, rtol=1e-4)
+    assert not torch.isnan(lse).any()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Selection kernel: exact agreement with the sort-based reference
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sq,sk,k,window,bs,perq",
+    [
+        (1000, 1000, 1, 0, None, False),
+        (1000, 1000, 64, 16, None, False),
+        (777, 3001, 300, 0, None, False),
+        (4096, 4096, 2048, 512, None, False),
+        (4096, 4096, 2048, 512, 64, False),
+        (4096, 4096, 1024, 0, 128, False),
+        (33000, 33000, 2048, 512, 128, False),
+        (300, 5000, 1000, 0, None, True),
+        (513, 513, 40, 8, 64, True),
+        (2000, 20000, 8192, 0, 64, False),  # k + step beyond the 8192-entry pool: per-row global path
+    ],
+)
+@pytest.mark.parametrize("ties", [False, True])
+def test_select_kernel_exact(sq, sk, k, window, bs, perq, ties):
+    gen = torch.Generator(device=DEV).manual_seed(sk + k)
+    shape = (2, 3, sq, sk) if perq else (2, 3, sk)
+    scores = torch.randn(shape, device=DEV, generator=gen)
+    if ties:
+        scores = scores.mul(4).round()
+    scores.view(-1)[::11] = float("-inf")
+    _poison_cache(((2 * 3 * max(sq, 1) * k,), torch.float32))
+    idx = sparse.sparsek_select(scores, k, window=window, block_size=bs, seqlen_q=sq)
+    ref = R.sparsek_select_ref(scores.cpu(), k, window=window, block_size=bs, seqlen_q=sq)
+    assert torch.equal(idx.cpu(), ref)
+
+
+def test_select_noncausal_and_bf16_scores():
+    u = torch.randn(1, 2, 5000, device=DEV).bfloat16()
+    idx = sparse.sparsek_select(u, 100, causal=False, seqlen_q=37)
+    assert torch.equal(idx.cpu(), R.sparsek_select_ref(u.cpu(), 100, causal=False, seqlen_q=37))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Per-query gather kernel
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize(
+    "b,sq,sk,hq,hk,n,window",
+    [
+        (1, 257, 257, 4, 4, 16, 0),
+        (2, 129, 1000, 8, 2, 100, 32),
+        (1, 333, 333, 16, 1, 64, 7),
+        (1, 100, 100, 32, 2, 33, 5),  # group 16: one 16-head chunk
+        (1, 64, 64, 48, 1, 20, 3),  # group 48: three 16-head chunks
+        (1, 1, 4096, 8, 8, 2048, 512),  # decode-like
+    ],
+)
+def test_topk_attention_kernel(dtype, d, b, sq, sk, hq, hk, n, window):
+    q, k, v = _qkv(b, sq, sk, hq, hk, d, dtype, seed=sq + n)
+    gen = torch.Generator(device=DEV).manual_seed(n)
+    idx = torch.rand(b, hk, sq, sk, device=DEV, generator=gen).argsort(-1)[..., :n].int().sort(-1).values
+    idx[..., ::5] = -1
+    _poison_cache(((b * sq * hq * d,), dtype), ((b * hq * sq,), torch.float32))
+    out, lse = sparse.topk_attention(q, k, v, idx, window=window, return_lse=True)
+    ref_out, ref_lse = R.topk_attention_ref(q.float(), k.float(), v.float(), idx, window=window, return_lse=True)
+    _check(out, lse, ref_out, ref_lse, dtype)
+
+
+def test_topk_attention_all_masked_rows():
+    q, k, v = _qkv(1, 70, 70, 4, 2, 128, torch.bfloat16)
+    idx = torch.full((1, 2, 70, 8), -1, dtype=torch.int32, device=DEV)
+    idx[:, :, ::2, 0] = 69  # listed in the future of most queries: masked by causality
+    _poison_cache(((70 * 4 * 128,), torch.bfloat16), ((4 * 70,), torch.float32))
+    out, lse = sparse.topk_attention(q, k, v, idx, return_lse=True)
+    assert (out[:, :69] == 0).all() and torch.isneginf(lse[..., :69]).all()
+    assert torch.isfinite(out).all() and not torch.isnan(lse).any()
+    out_nc = sparse.topk_attention(q, k, v, idx, causal=False)
+    ref = R.topk_attention_ref(q.float(), k.float(), v.float(), idx, causal=False)
+    assert rel_error(out_nc, ref) <= tolerance(torch.bfloat16)
+
+
+def test_topk_attention_duplicates_in_band_count_once():
+    q, k, v = _qkv(1, 50, 50, 2, 1, 64, torch.float16)
+    idx = torch.arange(50, device=DEV, dtype=torch.int32).view(1, 1, 50, 1).repeat(1, 1, 1, 3)
+    idx[..., 1] = (idx[..., 1] - 1).clamp_min(-1)
+    idx[..., 2] = -1
+    out = sparse.topk_attention(q, k, v, idx, window=4, validate=False)
+    ref = R.topk_attention_ref(q.float(), k.float(), v.float(), idx, window=4)
+    assert rel_error(out, ref) <= tolerance(torch.float16)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Block-shared lists (FMHA index-list mode) and block-sparse attention
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bs", [64, 128, 256, 32])
+@pytest.mark.parametrize("sq,sk,hq,hk,budget,window", [(1000, 1000, 8, 2, 200, 64), (513, 700, 4, 4, 64, 0)])
+def test_block_shared_sparsek_attention(dtype, bs, sq, sk, hq, hk, budget, window):
+    q, k, v = _qkv(1, sq, sk, hq, hk, 128, dtype, seed=bs)
+    u = torch.randn(1, hk, sk, device=DEV)
+    _poison_cache(((sq * hq * 128,), dtype), ((hq * sq,), torch.float32))
+    out, lse = sparse.sparsek_attention(q, k, v, u, budget, window, block_size=bs, return_lse=True)
+    ref_out, ref_lse = R.sparsek_attention_ref(
+        q.float(), k.float(), v.float(), u, budget, window, block_size=bs, return_lse=True
+    )
+    _check(out, lse, ref_out, ref_lse, dtype)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("block", [64, 128])
+def test_block_sparse_blockmask(causal, block):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    sq = sk = 1000
+
+    def mm(b, h, qi, kvi):
+        return ((qi // block) * 7 + (kvi // block) * 3) % 4 != 1
+
+    bm = create_block_mask(mm, 1, 4, sq, sk, device=DEV, BLOCK_SIZE=block)
+    q, k, v = _qkv(1, sq, sk, 8, 4, 128, torch.bfloat16)
+    _poison_cache(((sq * 8 * 128,), torch.bfloat16))
+    out, lse = sparse.block_sparse_attention(q, k, v, bm, causal=causal, return_lse=True)
+    lists, bsz = sparse._blockmask_lists(bm)
+    ref_out, ref_lse = R.block_sparse_attention_ref(
+        q.float(), k.float(), v.float(), lists, bsz, causal=causal, return_lse=True
+    )
+    _check(out, lse, ref_out, ref_lse, torch.bfloat16)
+
+
+def test_sparsek_attention_torch_compile():
+    q, k, v = _qkv(1, 512, 512, 4, 2, 64, torch.bfloat16)
+    u = torch.randn(1, 2, 512, device=DEV)
+    fn = torch.compile(lambda q, k, v, u: sparse.sparsek_attention(q, k, v, u, 64, 32), fullgraph=True)
+    out = fn(q, k, v, u)
+    ref = R.sparsek_attention_ref(q.float(), k.float(), v.float(), u, 64, 32)
+    assert rel_error(out, ref) <= tolerance(torch.bfloat16)
