@@ -43,6 +43,7 @@ class KernelUnavailable(RuntimeError):
 
 
 _libs: dict[str, ctypes.CDLL] = {}
+_by_device: dict[int, ctypes.CDLL] = {}  # device index -> library (hot-path cache)
 _lock = threading.Lock()
 
 
@@ -53,6 +54,9 @@ def fallback_allowed() -> bool:
 
 def load(device: torch.device) -> ctypes.CDLL:
     """The library for ``device``'s architecture, built just in time on first use (then cached)."""
+    lib = _by_device.get(device.index if device.index is not None else torch.cuda.current_device())
+    if lib is not None:
+        return lib
     from . import build as _build
 
     target = device_choice(device).target
@@ -78,7 +82,14 @@ def load(device: torch.device) -> ctypes.CDLL:
             if lib.sk_abi_version() != ABI_VERSION:
                 raise KernelUnavailable(f"stale sparsek library at {path}: ABI {lib.sk_abi_version()} != {ABI_VERSION}")
             _libs[target] = lib
+    _by_device[device.index if device.index is not None else torch.cuda.current_device()] = _libs[target]
     return _libs[target]
+
+
+def current_stream(device: torch.device) -> ctypes.c_void_p:
+    """The caller's current CUDA stream on ``device`` as a ctypes handle (cheap raw-stream query)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return ctypes.c_void_p(torch._C._cuda_getCurrentRawStream(index))
 
 
 def check(lib: ctypes.CDLL, code: int, what: str) -> None:
@@ -153,5 +164,4 @@ def fmha_fwd(
         k.shape[1] if paged else 0, window_left, window_right,
         int(q.dtype == torch.bfloat16), scale * _LOG2E, q.shape[-3], k.shape[-3],
     )  # fmt: skip
-    stream = torch.cuda.current_stream(q.device).cuda_stream
-    check(lib, lib.sk_fmha_fwd(ctypes.byref(p), ctypes.c_void_p(stream)), "fmha forward")
+    check(lib, lib.sk_fmha_fwd(ctypes.byref(p), current_stream(q.device)), "fmha forward")

@@ -97,7 +97,7 @@ def _check(lib: ctypes.CDLL, code: int, what: str) -> None:
 
 
 def _stream(device: torch.device) -> ctypes.c_void_p:
-    return ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)
+    return _lib.current_stream(device)
 
 
 # ---- raw CUDA launchers (no checks) -------------------------------------------------------------------------------

@@ -165,7 +165,7 @@ def _sparse_lib(device: torch.device) -> ctypes.CDLL:
 
 
 def _stream(device: torch.device) -> ctypes.c_void_p:
-    return ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)
+    return _lib.current_stream(device)
 
 
 def _kernel_or_fallback(device: torch.device) -> ctypes.CDLL | None:

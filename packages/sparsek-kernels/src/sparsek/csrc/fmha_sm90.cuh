@@ -217,15 +217,13 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 
   // Software pipeline (FA3's intra-warpgroup overlap): while the tensor cores run O += P_{j-1} V_{j-1}, this warpgroup
   // computes the softmax of S_j. Empty barriers are per operand, so K_j's slot is released as soon as S_j is done.
+  // Tile 0 is peeled off so that every wgmma wait in the loop is unconditional (ptxas then keeps wgmmas asynchronous).
   float acc_s[kBN / 2];
   uint32_t pa[kBN / 16][4];
-  for (int tile = 0; tile < n_tiles; ++tile) {
+  auto issue_s = [&](int tile) {
     const int stage = tile % kStages;
-    const int phase = (tile / kStages) & 1;
-    const int prev = (tile + kStages - 1) % kStages;
     const T* cK = sK + stage * (Tr::kKVBytes / 2);
-
-    mbar_wait(&k_full[stage], phase);
+    mbar_wait(&k_full[stage], (tile / kStages) & 1);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk) {
@@ -235,17 +233,14 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       wgmma_ss<kBN, T>(acc_s, da, db, kk > 0 ? 1 : 0);
     }
     wgmma_commit();
-    if (tile > 0) {  // O += P_{j-1} V_{j-1}, overlapping the softmax below
-      mbar_wait(&v_full[prev], ((tile - 1) / kStages) & 1);
-      issue_pv<Tr>(acc_o, pa, sV + prev * (Tr::kKVBytes / 2));
-      wgmma_wait<1>();
-    } else {
-      wgmma_wait<0>();
-    }
-    fence_operands<kBN / 2>(acc_s);
-    mbar_arrive(&k_empty[stage]);
-
-    // Mask (tile-level test first), online softmax in log2 units.
+  };
+  auto issue_pv_tile = [&](int tile) {
+    const int stage = tile % kStages;
+    mbar_wait(&v_full[stage], (tile / kStages) & 1);
+    issue_pv<Tr>(acc_o, pa, sV + stage * (Tr::kKVBytes / 2));
+  };
+  // Mask (tile-level test first) and online softmax of acc_s in log2 units; returns the O rescale factors.
+  auto softmax = [&](int tile, float* corr) {
     const int n0 = lo + tile * kBN;
     const bool need_mask = n0 + kBN > hi || (p.window_right >= 0 && n0 + kBN - 1 > pos_min + p.window_right) ||
                            (p.window_left >= 0 && n0 < pos_max - p.window_left);
@@ -262,7 +257,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         }
       }
     }
-    float corr[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float mx = -INFINITY;
@@ -283,11 +277,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       }
       row_sum[r] = row_sum[r] * corr[r] + sum;
     }
-    if (tile > 0) {
-      wgmma_wait<0>();
-      fence_operands<kD / 2>(acc_o);
-      mbar_arrive(&v_empty[prev]);
-    }
+  };
+  // Rescale O and turn the probabilities into the register A operand (k16 step kk = S n8 tiles 2kk, 2kk+1).
+  auto rescale_and_pack = [&](const float* corr) {
 #pragma unroll
     for (int dt = 0; dt < kDT; ++dt) {
       acc_o[dt * 4 + 0] *= corr[0];
@@ -295,7 +287,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       acc_o[dt * 4 + 2] *= corr[1];
       acc_o[dt * 4 + 3] *= corr[1];
     }
-    // P as the register A operand: k16 step kk uses S n8 tiles 2kk and 2kk+1.
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk) {
       pa[kk][0] = Pack2<T>::pack(acc_s[(2 * kk) * 4 + 0], acc_s[(2 * kk) * 4 + 1]);
@@ -303,14 +294,33 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       pa[kk][2] = Pack2<T>::pack(acc_s[(2 * kk + 1) * 4 + 0], acc_s[(2 * kk + 1) * 4 + 1]);
       pa[kk][3] = Pack2<T>::pack(acc_s[(2 * kk + 1) * 4 + 2], acc_s[(2 * kk + 1) * 4 + 3]);
     }
-  }
-  if (n_tiles > 0) {  // last O += P V
-    const int last = (n_tiles - 1) % kStages;
-    mbar_wait(&v_full[last], ((n_tiles - 1) / kStages) & 1);
-    issue_pv<Tr>(acc_o, pa, sV + last * (Tr::kKVBytes / 2));
+  };
+
+  if (n_tiles > 0) {
+    float corr[2];
+    issue_s(0);
+    wgmma_wait<0>();
+    fence_operands<kBN / 2>(acc_s);
+    mbar_arrive(&k_empty[0]);
+    softmax(0, corr);
+    rescale_and_pack(corr);
+    for (int tile = 1; tile < n_tiles; ++tile) {
+      const int prev = (tile - 1) % kStages;
+      issue_s(tile);
+      issue_pv_tile(tile - 1);
+      wgmma_wait<1>();
+      fence_operands<kBN / 2>(acc_s);
+      mbar_arrive(&k_empty[tile % kStages]);
+      softmax(tile, corr);
+      wgmma_wait<0>();
+      fence_operands<kD / 2>(acc_o);
+      mbar_arrive(&v_empty[prev]);
+      rescale_and_pack(corr);
+    }
+    issue_pv_tile(n_tiles - 1);
     wgmma_wait<0>();
     fence_operands<kD / 2>(acc_o);
-    mbar_arrive(&v_empty[last]);
+    mbar_arrive(&v_empty[(n_tiles - 1) % kStages]);
   }
 
   // Epilogue: normalize and store straight from registers; LSE in natural log.
