@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from sparsek import paged
 from sparsek.reference import varlen_attention_ref
 from sparsek.reference.paged import gather_paged_kv, paged_attention_ref, paged_decode_ref, reshape_and_cache_ref
@@ -15,7 +14,9 @@ from sparsek.testing import poison_, rel_error, tolerance
 
 
 def _cu(lens: list[int], device) -> torch.Tensor:
-    return torch.tensor([0, *torch.tensor(lens, dtype=torch.int64).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    return torch.tensor(
+        [0, *torch.tensor(lens, dtype=torch.int64).cumsum(0).tolist()], dtype=torch.int32, device=device
+    )
 
 
 def make_batch(
@@ -247,8 +248,16 @@ def _call(b, **over):
         (lambda b: dict(q=b["q"][None]), ValueError, "q must have 3 dimensions"),
         (lambda b: dict(q=b["q"].int()), TypeError, "q must be a floating point"),
         (lambda b: dict(key_cache=b["key_cache"][0]), ValueError, "key_cache must have 4 dimensions"),
-        (lambda b: dict(value_cache=b["value_cache"][:, :, :1]), ValueError, "key_cache and value_cache must have the same shape"),
-        (lambda b: dict(key_cache=b["key_cache"].double(), value_cache=b["value_cache"].double()), TypeError, "key_cache dtype"),
+        (
+            lambda b: dict(value_cache=b["value_cache"][:, :, :1]),
+            ValueError,
+            "key_cache and value_cache must have the same shape",
+        ),
+        (
+            lambda b: dict(key_cache=b["key_cache"].double(), value_cache=b["value_cache"].double()),
+            TypeError,
+            "key_cache dtype",
+        ),
         (lambda b: dict(block_table=b["block_table"].long()), TypeError, "block_table must be int32"),
         (lambda b: dict(block_table=b["block_table"][:2]), ValueError, "block_table must have at least"),
         (lambda b: dict(block_table=b["block_table"][:, :2]), ValueError, "block_table has 2 columns"),
@@ -290,6 +299,117 @@ def test_reshape_and_cache_validation():
         paged.reshape_and_cache(k.double(), v.double(), kc, vc, s)
     with pytest.raises(ValueError, match="key is \\[num_tokens, heads_kv, head_dim\\]"):
         paged.reshape_and_cache(k[:, :1], v[:, :1], kc, vc, s)
+
+
+# ---- CPU: the CUDA launch path with a fake library (dispatch, slicing, workspace, ctypes ABI) ----------------------
+
+
+class _FakeLib:
+    """Stands in for the ctypes library: records the parameter structs the launchers pass."""
+
+    def __init__(self, splits):
+        self.splits, self.decode_calls, self.cache_calls = splits, [], []
+
+    def sk_paged_decode_num_splits(self, batch, hq, hk, max_k):
+        return self.splits
+
+    def sk_paged_decode_workspace_floats(self, batch, hq, d, splits):
+        return 0 if splits <= 1 else batch * splits * hq * (d + 1)
+
+    def sk_paged_decode(self, params, stream):
+        p = params._obj
+        self.decode_calls.append({f: getattr(p, f) for f, _ in type(p)._fields_})
+        return 0
+
+    def sk_reshape_and_cache(self, params, stream):
+        p = params._obj
+        self.cache_calls.append({f: getattr(p, f) for f, _ in type(p)._fields_})
+        return 0
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+def test_cuda_dispatch_with_fake_library(monkeypatch, splits):
+    import ctypes
+
+    from sparsek import _lib
+
+    fake, fmha_calls = _FakeLib(splits), []
+    monkeypatch.setattr(paged, "_load", lambda device: fake)
+    monkeypatch.setattr(paged, "_stream", lambda device: ctypes.c_void_p(0))
+    monkeypatch.setattr(_lib, "fmha_fwd", lambda *a, **kw: fmha_calls.append((a, kw)))
+    b = make_batch(*MIXED, hq=8, hk=2, d=64, dtype=torch.float16, layout="HND")
+    q, kc, vc, bt, cu, sl = (b[k] for k in ("q", "key_cache", "value_cache", "block_table", "cu_seqlens_q", "seq_lens"))
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[1], q.shape[0])
+    paged._paged_attention_cuda_impl(q, kc, vc, bt, cu, sl, 33, 100, 0.125, 7, 0, 3, out, lse)
+    (dec,) = fake.decode_calls
+    assert dec["batch"] == 3 and dec["num_splits"] == splits and dec["window_left"] == 7
+    assert dec["heads_q"] == 8 and dec["heads_kv"] == 2 and dec["head_dim"] == 64 and dec["block_size"] == 16
+    assert (
+        dec["cu_seqlens_q"] == cu.data_ptr()
+        and dec["seq_lens"] == sl.data_ptr()
+        and dec["block_table"] == bt.data_ptr()
+    )
+    assert (dec["k_block_stride"], dec["k_row_stride"], dec["k_head_stride"]) == kc.stride()[:3]
+    assert dec["lse"] == lse.data_ptr() and dec["lse_head_stride"] == q.shape[0] and dec["is_bf16"] == 0
+    assert (dec["o_partial"] is None) == (splits == 1)
+    if splits > 1:  # lse_partial follows the batch * splits * heads_q * head_dim floats of o_partial
+        assert dec["lse_partial"] - dec["o_partial"] == 3 * splits * 8 * 64 * 4
+    ((args, kw),) = fmha_calls
+    assert args[0] is q and args[3] is out and args[4] is lse
+    assert kw["cu_seqlens_q"].data_ptr() == cu[3:].data_ptr() and kw["cu_seqlens_q"].shape[0] == len(MIXED[0]) - 2
+    assert kw["seqused_k"].data_ptr() == sl[3:].data_ptr() and kw["block_table"].data_ptr() == bt[3:].data_ptr()
+    assert (kw["max_seqlen_q"], kw["max_seqlen_k"], kw["window_left"], kw["window_right"]) == (33, 100, 7, 0)
+    # decode-only batches (max_seqlen_q == 1) never reach the FMHA; num_decodes == 0 never reaches the decode kernel
+    fake.decode_calls.clear(), fmha_calls.clear()
+    paged._paged_attention_cuda_impl(q[:3], kc, vc, bt[:3], cu[:4], sl[:3], 1, 70, 0.125, -1, 0, 0, out[:3], lse[:, :3])
+    assert len(fake.decode_calls) == 1 and not fmha_calls
+    paged._paged_attention_cuda_impl(q, kc, vc, bt, cu, sl, 33, 100, 0.125, -1, 0, 0, out, lse)
+    assert len(fake.decode_calls) == 1 and len(fmha_calls) == 1
+
+
+def test_cache_write_launch_with_fake_library(monkeypatch):
+    import ctypes
+
+    fake = _FakeLib(1)
+    monkeypatch.setattr(paged, "_load", lambda device: fake)
+    monkeypatch.setattr(paged, "_stream", lambda device: ctypes.c_void_p(0))
+    b = make_batch(*MIXED, hq=8, hk=2, d=64, dtype=torch.bfloat16, layout="HND")
+    key = b["new_k"]
+    paged._launch_reshape_and_cache(key, b["new_v"], b["key_cache"], b["value_cache"], b["new_slots"])
+    (c,) = fake.cache_calls
+    assert c["num_tokens"] == b["new_slots"].shape[0] and c["elem_bytes"] == 2 and c["block_size"] == 16
+    assert (c["kc_block_stride"], c["kc_row_stride"], c["kc_head_stride"]) == b["key_cache"].stride()[:3]
+    assert (c["key_token_stride"], c["key_head_stride"]) == key.stride()[:2]
+
+
+def test_ctypes_structs_match_the_c_header(tmp_path):
+    """Compile a probe against csrc/paged_abi.h and compare every field offset with the ctypes mirrors."""
+    import ctypes
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    csrc = Path(paged.__file__).parent / "csrc"
+    lines = ["#include <stdio.h>", "#include <stddef.h>", '#include "paged_abi.h"', "int main(void) {"]
+    for struct in (paged.SkCacheWriteParams, paged.SkPagedDecodeParams):
+        name = struct.__name__
+        lines.append(f'printf("{name} sizeof %zu\\n", sizeof({name}));')
+        for field, _ in struct._fields_:
+            lines.append(f'printf("{name} {field} %zu\\n", offsetof({name}, {field}));')
+    lines += ["return 0;", "}"]
+    src = tmp_path / "probe.c"
+    src.write_text("\n".join(lines))
+    subprocess.run([cc, f"-I{csrc}", str(src), "-o", str(tmp_path / "probe")], check=True)
+    got = subprocess.run([str(tmp_path / "probe")], capture_output=True, text=True, check=True).stdout.split("\n")
+    want = []
+    for struct in (paged.SkCacheWriteParams, paged.SkPagedDecodeParams):
+        want.append(f"{struct.__name__} sizeof {ctypes.sizeof(struct)}")
+        want += [f"{struct.__name__} {f} {getattr(struct, f).offset}" for f, _ in struct._fields_]
+    assert [g for g in got if g] == want
 
 
 # ---- GPU: kernels against the references --------------------------------------------------------------------------

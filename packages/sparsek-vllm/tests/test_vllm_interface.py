@@ -13,13 +13,6 @@ import torch
 
 vllm = pytest.importorskip("vllm")
 
-from vllm.config import VllmConfig, set_current_vllm_config  # noqa: E402
-from vllm.config.attention import AttentionConfig  # noqa: E402
-from vllm.platforms.interface import DeviceCapability  # noqa: E402
-from vllm.v1.attention.backend import AttentionCGSupport, AttentionType, CommonAttentionMetadata  # noqa: E402
-from vllm.v1.attention.backends.registry import AttentionBackendEnum  # noqa: E402
-from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheLayout  # noqa: E402
-
 from sparsek.reference import varlen_attention_ref  # noqa: E402
 from sparsek_vllm import plugin  # noqa: E402
 from sparsek_vllm.backend import (  # noqa: E402
@@ -29,6 +22,12 @@ from sparsek_vllm.backend import (  # noqa: E402
     SparsekAttentionMetadataBuilder,
     SparsekCpuAttnReplacementBackend,
 )
+from vllm.config import VllmConfig, set_current_vllm_config  # noqa: E402
+from vllm.config.attention import AttentionConfig  # noqa: E402
+from vllm.platforms.interface import DeviceCapability  # noqa: E402
+from vllm.v1.attention.backend import AttentionCGSupport, AttentionType, CommonAttentionMetadata  # noqa: E402
+from vllm.v1.attention.backends.registry import AttentionBackendEnum  # noqa: E402
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheLayout  # noqa: E402
 
 # ---- registration -------------------------------------------------------------------------------------------------
 
@@ -147,7 +146,10 @@ def test_supported_configurations(head_size, dtype, kv_cache_dtype, block_size):
         (dict(use_per_head_quant_scales=True), "per-head quant scales not supported"),
         (dict(device_capability=DeviceCapability(7, 5)), "compute capability not supported"),
         (dict(attn_type=AttentionType.ENCODER_ONLY), f"attention type {AttentionType.ENCODER_ONLY} not supported"),
-        (dict(attn_type=AttentionType.ENCODER_DECODER), f"attention type {AttentionType.ENCODER_DECODER} not supported"),
+        (
+            dict(attn_type=AttentionType.ENCODER_DECODER),
+            f"attention type {AttentionType.ENCODER_DECODER} not supported",
+        ),
         (dict(use_non_causal=True), "non-causal attention not supported"),
         (dict(use_rswa=True), "R-SWA not supported"),
         (dict(use_dcp=True), "DCP not supported"),

@@ -23,7 +23,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
 from flashcore._dispatch import run_attention
 from flashcore._version import BLACKWELL_SPARSEK_VERSION as __version__
 from flashcore._warnings import deprecated

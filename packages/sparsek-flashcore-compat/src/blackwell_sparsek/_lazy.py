@@ -46,6 +46,9 @@ def resolve(namespace: str, name: str) -> Any:
     try:
         value = getattr(module, target.attr)
     except ImportError as e:
-        raise ImportError(f"{old} is {new}, which could not be loaded: {e}") from e
+        raise ImportError(
+            f"{old} is {new}, which could not be loaded ({e}); pip install {target.dist} and the framework it "
+            "integrates"
+        ) from e
     deprecated(old, f"{new} (pip install {target.dist})", stacklevel=3)
     return value

@@ -16,10 +16,9 @@ import logging
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import sparsek
 import torch
 import torch.nn.functional as F
-
-import sparsek
 
 from ._warnings import FlashcoreFallbackWarning, warn_once
 
@@ -113,7 +112,8 @@ def unsupported_reason(
         return Unsupported(f"device-{q.device.type}", f"sparsek does not run on {q.device.type} tensors")
     if q.dtype not in KERNEL_DTYPES:
         return Unsupported(
-            f"gpu-dtype-{q.dtype}", f"sparsek's CUDA kernels support float16/bfloat16, not {q.dtype}".replace("torch.", "")
+            f"gpu-dtype-{q.dtype}",
+            f"sparsek's CUDA kernels support float16/bfloat16, not {q.dtype}".replace("torch.", ""),
         )
     if q.shape[-1] not in KERNEL_HEAD_DIMS:
         return Unsupported(

@@ -163,7 +163,9 @@ class FlashCoreAttention(nn.Module):
                 query, key, value, key_padding_mask, attn_mask, average_attn_weights, is_causal
             )
         else:
-            out, weights = self._forward_sparsek(query, key, value, self_attention, key_padding_mask, attn_mask, is_causal)
+            out, weights = self._forward_sparsek(
+                query, key, value, self_attention, key_padding_mask, attn_mask, is_causal
+            )
 
         if unbatched:
             out = out.squeeze(0)

@@ -11,7 +11,6 @@ import sys
 import warnings
 
 import torch
-
 from sparsek.testing import rel_error, tolerance
 
 DEVICE = torch.device(os.environ.get("FLASHCORE_TEST_DEVICE", "cpu"))

@@ -7,7 +7,7 @@ dtype/head-dim fallbacks, and autograd, against PyTorch SDPA.
 
 import torch
 import torch.nn.functional as F
-from _common import DEVICE, DTYPE, GRAD_TOL, check, expect, expect_once, finish, record_warnings, seeded
+from _common import DEVICE, GRAD_TOL, check, expect, expect_once, finish, record_warnings, seeded
 
 log = record_warnings()
 

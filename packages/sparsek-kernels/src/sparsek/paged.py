@@ -122,6 +122,7 @@ def _paged_attention_cuda_impl(q, kc, vc, bt, cu_q, seq_lens, max_sq, max_sk, sc
         if want_lse:
             lse.fill_(float("-inf"))
         return
+    cu_q, seq_lens = cu_q.contiguous(), seq_lens.contiguous()  # no-ops for vLLM's tensors
     nd = batch if max_sq <= 1 else min(max(int(num_decodes), 0), batch)
     if nd > 0:
         lib = _load(q.device)
@@ -184,7 +185,7 @@ def _reshape_and_cache_cuda(key, value, key_cache, value_cache, slot_mapping):
             raise
         reshape_and_cache_ref(key, value, key_cache, value_cache, slot_mapping)
         return
-    _launch_reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+    _launch_reshape_and_cache(key, value, key_cache, value_cache, slot_mapping.contiguous())
 
 
 @torch.library.register_fake("sparsek::reshape_and_cache")
@@ -263,7 +264,9 @@ def _check_caches(key_cache: object, value_cache: object) -> None:
             f"got {tuple(key_cache.shape)} and {tuple(value_cache.shape)}"
         )
     if key_cache.dtype != value_cache.dtype:
-        raise ValueError(f"key_cache and value_cache must have the same dtype, got {key_cache.dtype} and {value_cache.dtype}")
+        raise ValueError(
+            f"key_cache and value_cache must have the same dtype, got {key_cache.dtype} and {value_cache.dtype}"
+        )
     if key_cache.device != value_cache.device:
         raise ValueError(
             f"key_cache and value_cache must be on the same device, got {key_cache.device} and {value_cache.device}"
@@ -312,9 +315,7 @@ def reshape_and_cache(
             raise ValueError(f"{name} must be on the cache's device {key_cache.device}, got {t.device}")
     _check_int_tensor("slot_mapping", slot_mapping, 1, torch.int64, key_cache.device)
     if slot_mapping.shape[0] > key.shape[0]:
-        raise ValueError(
-            f"slot_mapping has {slot_mapping.shape[0]} entries but key/value only {key.shape[0]} tokens"
-        )
+        raise ValueError(f"slot_mapping has {slot_mapping.shape[0]} entries but key/value only {key.shape[0]} tokens")
     for name, t in (("key", key), ("value", value), ("key_cache", key_cache), ("value_cache", value_cache)):
         _check_kernel_alignment(name, t, t.dim() - 1)
     if slot_mapping.numel() and not _capturing_or_compiling():
@@ -397,7 +398,9 @@ def paged_attention(
     batch = seq_lens.shape[0]
     _check_int_tensor("cu_seqlens_q", cu_seqlens_q, 1, torch.int32, q.device)
     if cu_seqlens_q.shape[0] != batch + 1:
-        raise ValueError(f"cu_seqlens_q must have batch + 1 = {batch + 1} entries (batch from seq_lens), got {cu_seqlens_q.shape[0]}")
+        raise ValueError(
+            f"cu_seqlens_q must have batch + 1 = {batch + 1} entries (batch from seq_lens), got {cu_seqlens_q.shape[0]}"
+        )
     _check_int_tensor("block_table", block_table, 2, torch.int32, q.device)
     if block_table.shape[0] < batch:
         raise ValueError(f"block_table must have at least batch = {batch} rows, got {block_table.shape[0]}")

@@ -15,10 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
-
 # Importing sparsek.paged registers torch.ops.sparsek.reshape_and_cache / paged_attention_out.
 import sparsek.paged  # noqa: F401
+import torch
 from vllm.logger import init_logger
 from vllm.v1.attention.backend import (
     AttentionBackend,

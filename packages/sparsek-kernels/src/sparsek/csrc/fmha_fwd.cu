@@ -35,6 +35,16 @@ static cudaError_t launch(const SkFmhaParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+
+// SPARSEK_FMHA_TILE=64|128 forces the query tile size (a tuning knob for benchmarks; 0/unset = heuristic).
+static int tile_override() {
+  static const int v = [] {
+    const char* e = std::getenv("SPARSEK_FMHA_TILE");
+    return e ? std::atoi(e) : 0;
+  }();
+  return v;
+}
+
 static int num_sms() {
   static int n = 0;
   if (n == 0) {
@@ -44,15 +54,6 @@ static int num_sms() {
     if (n <= 0) n = 1;
   }
   return n;
-}
-
-// SPARSEK_FMHA_TILE=64|128 forces the query tile size (a tuning knob for benchmarks; 0/unset = heuristic).
-static int tile_override() {
-  static const int v = [] {
-    const char* e = std::getenv("SPARSEK_FMHA_TILE");
-    return e ? std::atoi(e) : 0;
-  }();
-  return v;
 }
 
 // ---- Hopper path ------------------------------------------------------------------------------------------------
@@ -101,6 +102,17 @@ static bool make_map(CUtensorMap* map, const void* ptr, bool bf16, int dim, int 
   return r == CUDA_SUCCESS;
 }
 
+// SPARSEK_SM90_SCHED=0..3 picks the consumer schedule (bit 0 pipeline, bit 1 ping-pong; default 3, the fastest
+// measured); a benchmarking knob.
+static int sm90_schedule() {
+  static const int v = [] {
+    const char* e = std::getenv("SPARSEK_SM90_SCHED");
+    const int s = e ? std::atoi(e) : 3;
+    return (s >= 0 && s <= 3) ? s : 3;
+  }();
+  return v;
+}
+
 static bool sm90_disabled() {
   static const bool v = std::getenv("SPARSEK_DISABLE_SM90") != nullptr;
   return v;
@@ -108,9 +120,9 @@ static bool sm90_disabled() {
 
 // Launches the wgmma kernel when the call qualifies (Hopper, dense or varlen, 16-byte aligned strides); returns
 // false (and launches nothing) otherwise so the caller uses the portable kernel.
-template <int kD, int kBN, int kStages, typename T>
+template <int kD, int kBN, int kStages, typename T, int kSched>
 static bool try_launch_sm90(const SkFmhaParams& p, cudaStream_t stream, cudaError_t* err) {
-  using Tr = sm90::Sm90Traits<kD, kBN, kStages, T>;
+  using Tr = sm90::Sm90Traits<kD, kBN, kStages, T, kSched>;
   const bool varlen_q = p.cu_seqlens_q != nullptr, varlen_k = p.cu_seqlens_k != nullptr;
   const bool bf16 = p.is_bf16 != 0;
   sm90::TmaParams tma;
@@ -131,7 +143,13 @@ static bool try_launch_sm90(const SkFmhaParams& p, cudaStream_t stream, cudaErro
     *err = attr_err;
     return true;
   }
-  dim3 grid((p.seqlen_q + Tr::kBM - 1) / Tr::kBM, p.heads_q, p.batch);
+  // Persistent grid: one CTA per SM (shared memory allows no more), each looping over work tiles.
+  const long items = (long)((p.seqlen_q + Tr::kBM - 1) / Tr::kBM) * p.heads_q * p.batch;
+  const int grid = (int)(items < num_sms() ? items : num_sms());
+  if (grid == 0) {
+    *err = cudaSuccess;
+    return true;
+  }
   kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p, tma);
   *err = cudaGetLastError();
   return true;
@@ -141,11 +159,15 @@ template <typename T>
 static bool dispatch_sm90(const SkFmhaParams& p, cudaStream_t stream, cudaError_t* err) {
   if (device_major() != 9 || sm90_disabled() || p.block_table || p.kv_indices || p.seqused_k) return false;
   if ((p.cu_seqlens_q == nullptr) != (p.cu_seqlens_k == nullptr)) return false;
-  switch (p.head_dim) {
-    case 64:
-      return try_launch_sm90<64, 128, 4, T>(p, stream, err);
-    case 128:
-      return try_launch_sm90<128, 128, 3, T>(p, stream, err);
+  switch (p.head_dim * 10 + sm90_schedule()) {
+    case 640: return try_launch_sm90<64, 128, 4, T, 0>(p, stream, err);
+    case 641: return try_launch_sm90<64, 128, 4, T, 1>(p, stream, err);
+    case 642: return try_launch_sm90<64, 128, 4, T, 2>(p, stream, err);
+    case 643: return try_launch_sm90<64, 128, 4, T, 3>(p, stream, err);
+    case 1280: return try_launch_sm90<128, 128, 2, T, 0>(p, stream, err);
+    case 1281: return try_launch_sm90<128, 128, 2, T, 1>(p, stream, err);
+    case 1282: return try_launch_sm90<128, 128, 2, T, 2>(p, stream, err);
+    case 1283: return try_launch_sm90<128, 128, 2, T, 3>(p, stream, err);
     default:
       return false;
   }

@@ -102,17 +102,60 @@ struct TmaParams {
   CUtensorMap q, k, v;
 };
 
-template <int kD_, int kBN_, int kStages_, typename T_>
+// kSched bit 0: software-pipelined consumer (softmax of S_j overlaps P_{j-1} V_{j-1});
+// kSched bit 1: ping-pong between the two consumer warpgroups (named barriers order their GEMM issue).
+template <int kD_, int kBN_, int kStages_, typename T_, int kSched_ = 1>
 struct Sm90Traits {
   using T = T_;
-  static constexpr int kD = kD_, kBN = kBN_, kStages = kStages_;
+  static constexpr int kD = kD_, kBN = kBN_, kStages = kStages_, kSched = kSched_;
+  static constexpr bool kPipeline = kSched & 1, kPingPong = kSched & 2;
   static constexpr int kBM = 128;  // two consumer warpgroups of 64 rows
   static constexpr int kThreads = 384;
   static constexpr int kBlocksD = kD / 64;  // 64-column (128-byte) swizzle blocks per row
   static constexpr int kQBytes = kBM * kD * 2;
   static constexpr int kKVBytes = kBN * kD * 2;  // one K (or V) tile
-  static constexpr int kSmemBytes = 1024 /*alignment slack*/ + kQBytes + 2 * kStages * kKVBytes + 128 /*barriers*/;
+  static constexpr int kSmemBytes = 1024 /*alignment slack*/ + kQBytes + 2 * kStages * kKVBytes + 256 /*barriers*/;
 };
+
+// One unit of work of the persistent kernel: a 128-row query block of one (sequence, head).
+struct WorkTile {
+  int b, h, m0, q_start, sq, k_start, sk, off, pos_min, pos_max, lo, hi, n_tiles;
+  bool valid;
+};
+
+// Work item i -> tile. Items are ordered by query block first (heaviest blocks first when causal) so that a static
+// round-robin over CTAs approximates longest-processing-time-first scheduling.
+template <int kBM, int kBN>
+__device__ __forceinline__ WorkTile work_tile(const SkFmhaParams& p, int item, int num_m) {
+  WorkTile w;
+  const int bh = p.heads_q * p.batch;
+  const int m_idx = item / bh, rem = item % bh;
+  w.h = rem % p.heads_q;
+  w.b = rem / p.heads_q;
+  const int m_block = (p.window_right >= 0 && p.window_left < 0) ? num_m - 1 - m_idx : m_idx;
+  w.m0 = m_block * kBM;
+  w.q_start = 0, w.sq = p.seqlen_q, w.k_start = 0, w.sk = p.seqlen_k;
+  if (p.cu_seqlens_q) {
+    w.q_start = p.cu_seqlens_q[w.b];
+    w.sq = p.cu_seqlens_q[w.b + 1] - w.q_start;
+  }
+  if (p.cu_seqlens_k) {
+    w.k_start = p.cu_seqlens_k[w.b];
+    w.sk = p.cu_seqlens_k[w.b + 1] - w.k_start;
+  }
+  w.valid = w.m0 < w.sq;
+  w.off = w.sk - w.sq;
+  w.pos_min = w.m0 + w.off;
+  w.pos_max = min(w.m0 + kBM, w.sq) - 1 + w.off;
+  int lo = p.window_left >= 0 ? max(0, w.pos_min - p.window_left) : 0;
+  int hi = p.window_right >= 0 ? min(w.sk, w.pos_max + p.window_right + 1) : w.sk;
+  lo = (lo / kBN) * kBN;
+  if (hi < lo) hi = lo;
+  w.lo = lo;
+  w.hi = hi;
+  w.n_tiles = w.valid ? (hi - lo + kBN - 1) / kBN : 0;
+  return w;
+}
 
 template <typename Tr>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
@@ -136,36 +179,14 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 
   const int tid = threadIdx.x;
   const int wg = tid / 128;
-  const int h = blockIdx.y;
-  const int hk = h / (p.heads_q / p.heads_kv);
-
-  // Sequence geometry (same conventions as the portable kernel).
-  const int b = blockIdx.z;
-  int q_start = 0, sq = p.seqlen_q, k_start = 0, sk = p.seqlen_k;
-  if (p.cu_seqlens_q) {
-    q_start = p.cu_seqlens_q[b];
-    sq = p.cu_seqlens_q[b + 1] - q_start;
-  }
-  if (p.cu_seqlens_k) {
-    k_start = p.cu_seqlens_k[b];
-    sk = p.cu_seqlens_k[b + 1] - k_start;
-  }
-  const int m_block = (p.window_right >= 0 && p.window_left < 0) ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
-  const int m0 = m_block * kBM;
-  if (m0 >= sq) return;
-  const int off = sk - sq;
-  const int pos_min = m0 + off;
-  const int pos_max = min(m0 + kBM, sq) - 1 + off;
-  int lo = p.window_left >= 0 ? max(0, pos_min - p.window_left) : 0;
-  int hi = p.window_right >= 0 ? min(sk, pos_max + p.window_right + 1) : sk;
-  lo = (lo / kBN) * kBN;
-  if (hi < lo) hi = lo;
-  const int n_tiles = (hi - lo + kBN - 1) / kBN;
-  // TMA coordinates: varlen tensors are [total, H, D] viewed with batch extent 1.
-  const int qb = p.cu_seqlens_q ? 0 : b, kb = p.cu_seqlens_k ? 0 : b;
+  const int group = p.heads_q / p.heads_kv;
+  const int num_m = (p.seqlen_q + kBM - 1) / kBM;
+  const int num_items = num_m * p.heads_q * p.batch;
+  uint64_t* q_empty = v_empty + kStages;
 
   if (tid == 0) {
     mbar_init(q_full, 1);
+    mbar_init(q_empty, 256);
     for (int s = 0; s < kStages; ++s) {
       mbar_init(&k_full[s], 1);
       mbar_init(&v_full[s], 1);
@@ -179,20 +200,32 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   if (wg == 0) {  // ---------------------------------------------------------------- producer
     setmaxnreg_dec<40>();
     if (tid == 0) {
-      mbar_expect_tx(q_full, Tr::kQBytes);
-      for (int c = 0; c < kBlocksD; ++c) tma_load_4d(sQ + c * kBM * 64, &tma.q, q_full, c * 64, q_start + m0, h, qb);
-      for (int tile = 0; tile < n_tiles; ++tile) {
-        const int stage = tile % kStages;
-        const int empty_phase = ((tile / kStages) - 1) & 1;
-        const int row = k_start + lo + tile * kBN;
-        T* dK = sK + stage * (Tr::kKVBytes / 2);
-        T* dV = sV + stage * (Tr::kKVBytes / 2);
-        if (tile >= kStages) mbar_wait(&k_empty[stage], empty_phase);
-        mbar_expect_tx(&k_full[stage], Tr::kKVBytes);
-        for (int c = 0; c < kBlocksD; ++c) tma_load_4d(dK + c * kBN * 64, &tma.k, &k_full[stage], c * 64, row, hk, kb);
-        if (tile >= kStages) mbar_wait(&v_empty[stage], empty_phase);
-        mbar_expect_tx(&v_full[stage], Tr::kKVBytes);
-        for (int c = 0; c < kBlocksD; ++c) tma_load_4d(dV + c * kBN * 64, &tma.v, &v_full[stage], c * 64, row, hk, kb);
+      int kv_iter = 0, n_items = 0;  // K/V tiles and work items loaded so far by this CTA
+      for (int item = blockIdx.x; item < num_items; item += gridDim.x) {
+        const WorkTile w = work_tile<kBM, kBN>(p, item, num_m);
+        if (!w.valid) continue;
+        const int hk = w.h / group;
+        const int qb = p.cu_seqlens_q ? 0 : w.b, kb = p.cu_seqlens_k ? 0 : w.b;
+        if (n_items > 0) mbar_wait(q_empty, (n_items - 1) & 1);  // consumers done with the previous Q
+        mbar_expect_tx(q_full, Tr::kQBytes);
+        for (int c = 0; c < kBlocksD; ++c)
+          tma_load_4d(sQ + c * kBM * 64, &tma.q, q_full, c * 64, w.q_start + w.m0, w.h, qb);
+        for (int tile = 0; tile < w.n_tiles; ++tile, ++kv_iter) {
+          const int stage = kv_iter % kStages;
+          const int empty_phase = ((kv_iter / kStages) - 1) & 1;
+          const int row = w.k_start + w.lo + tile * kBN;
+          T* dK = sK + stage * (Tr::kKVBytes / 2);
+          T* dV = sV + stage * (Tr::kKVBytes / 2);
+          if (kv_iter >= kStages) mbar_wait(&k_empty[stage], empty_phase);
+          mbar_expect_tx(&k_full[stage], Tr::kKVBytes);
+          for (int c = 0; c < kBlocksD; ++c)
+            tma_load_4d(dK + c * kBN * 64, &tma.k, &k_full[stage], c * 64, row, hk, kb);
+          if (kv_iter >= kStages) mbar_wait(&v_empty[stage], empty_phase);
+          mbar_expect_tx(&v_full[stage], Tr::kKVBytes);
+          for (int c = 0; c < kBlocksD; ++c)
+            tma_load_4d(dV + c * kBN * 64, &tma.v, &v_full[stage], c * 64, row, hk, kb);
+        }
+        ++n_items;
       }
     }
     return;
@@ -204,26 +237,23 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const int warp = ctid >> 5, lane = ctid & 31, g = lane >> 2, t4 = lane & 3;
   const int wrow = (wg - 1) * 64;  // this warpgroup's first row in the block
   const int r0 = wrow + warp * 16 + g;  // rows r0 and r0 + 8
-  const int qpos[2] = {m0 + r0 + off, m0 + r0 + 8 + off};
-
-  float acc_o[kD / 2];
-#pragma unroll
-  for (int i = 0; i < kD / 2; ++i) acc_o[i] = 0.f;
-  float row_max[2] = {-INFINITY, -INFINITY};  // in log2 units (scaled)
-  float row_sum[2] = {0.f, 0.f};
   const float scale = p.scale_log2;
-
-  mbar_wait(q_full, 0);
+  float acc_o[kD / 2];
+  float acc_s[kBN / 2];
+  uint32_t pa[kBN / 16][4];
+  float row_max[2], row_sum[2];  // row max in log2 units (scaled)
+  int qpos[2];
+  int kv_base = 0;  // K/V tiles consumed by this CTA before the current work item
+  WorkTile w;
 
   // Software pipeline (FA3's intra-warpgroup overlap): while the tensor cores run O += P_{j-1} V_{j-1}, this warpgroup
   // computes the softmax of S_j. Empty barriers are per operand, so K_j's slot is released as soon as S_j is done.
   // Tile 0 is peeled off so that every wgmma wait in the loop is unconditional (ptxas then keeps wgmmas asynchronous).
-  float acc_s[kBN / 2];
-  uint32_t pa[kBN / 16][4];
   auto issue_s = [&](int tile) {
-    const int stage = tile % kStages;
+    const int it = kv_base + tile;
+    const int stage = it % kStages;
     const T* cK = sK + stage * (Tr::kKVBytes / 2);
-    mbar_wait(&k_full[stage], (tile / kStages) & 1);
+    mbar_wait(&k_full[stage], (it / kStages) & 1);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk) {
@@ -235,15 +265,16 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     wgmma_commit();
   };
   auto issue_pv_tile = [&](int tile) {
-    const int stage = tile % kStages;
-    mbar_wait(&v_full[stage], (tile / kStages) & 1);
+    const int it = kv_base + tile;
+    const int stage = it % kStages;
+    mbar_wait(&v_full[stage], (it / kStages) & 1);
     issue_pv<Tr>(acc_o, pa, sV + stage * (Tr::kKVBytes / 2));
   };
   // Mask (tile-level test first) and online softmax of acc_s in log2 units; returns the O rescale factors.
   auto softmax = [&](int tile, float* corr) {
-    const int n0 = lo + tile * kBN;
-    const bool need_mask = n0 + kBN > hi || (p.window_right >= 0 && n0 + kBN - 1 > pos_min + p.window_right) ||
-                           (p.window_left >= 0 && n0 < pos_max - p.window_left);
+    const int n0 = w.lo + tile * kBN;
+    const bool need_mask = n0 + kBN > w.hi || (p.window_right >= 0 && n0 + kBN - 1 > w.pos_min + p.window_right) ||
+                           (p.window_left >= 0 && n0 < w.pos_max - p.window_left);
     if (need_mask) {
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt) {
@@ -251,7 +282,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         for (int e = 0; e < 4; ++e) {
           const int j = n0 + nt * 8 + 2 * t4 + (e & 1);
           const int qp = qpos[e >> 1];
-          const bool ok = j < hi && (p.window_right < 0 || j <= qp + p.window_right) &&
+          const bool ok = j < w.hi && (p.window_right < 0 || j <= qp + p.window_right) &&
                           (p.window_left < 0 || j >= qp - p.window_left);
           if (!ok) acc_s[nt * 4 + e] = -INFINITY;
         }
@@ -296,58 +327,116 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     }
   };
 
-  if (n_tiles > 0) {
-    float corr[2];
-    issue_s(0);
-    wgmma_wait<0>();
-    fence_operands<kBN / 2>(acc_s);
-    mbar_arrive(&k_empty[0]);
-    softmax(0, corr);
-    rescale_and_pack(corr);
-    for (int tile = 1; tile < n_tiles; ++tile) {
-      const int prev = (tile - 1) % kStages;
-      issue_s(tile);
-      issue_pv_tile(tile - 1);
-      wgmma_wait<1>();
-      fence_operands<kBN / 2>(acc_s);
-      mbar_arrive(&k_empty[tile % kStages]);
-      softmax(tile, corr);
-      wgmma_wait<0>();
-      fence_operands<kD / 2>(acc_o);
-      mbar_arrive(&v_empty[prev]);
-      rescale_and_pack(corr);
-    }
-    issue_pv_tile(n_tiles - 1);
-    wgmma_wait<0>();
-    fence_operands<kD / 2>(acc_o);
-    mbar_arrive(&v_empty[(n_tiles - 1) % kStages]);
+  // Ping-pong: warpgroup w may issue GEMMs after bar.sync(w); it then lets the other warpgroup go (bar.arrive).
+  auto gemm_turn_begin = [&]() {
+    if constexpr (Tr::kPingPong) asm volatile("bar.sync %0, 256;\n" ::"r"(wg) : "memory");
+  };
+  auto gemm_turn_end = [&]() {
+    if constexpr (Tr::kPingPong) asm volatile("bar.arrive %0, 256;\n" ::"r"(3 - wg) : "memory");
+  };
+  if constexpr (Tr::kPingPong) {
+    if (wg == 2) asm volatile("bar.arrive 1, 256;\n" ::: "memory");  // warpgroup 1 issues first
   }
 
-  // Epilogue: normalize and store straight from registers; LSE in natural log.
+  int n_items = 0;
+  for (int item = blockIdx.x; item < num_items; item += gridDim.x) {
+    w = work_tile<kBM, kBN>(p, item, num_m);
+    if (!w.valid) continue;
+    qpos[0] = w.m0 + r0 + w.off;
+    qpos[1] = qpos[0] + 8;
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    row_sum[r] += __shfl_xor_sync(0xffffffff, row_sum[r], 1);
-    row_sum[r] += __shfl_xor_sync(0xffffffff, row_sum[r], 2);
-  }
-  const float inv[2] = {row_sum[0] > 0.f ? 1.f / row_sum[0] : 0.f, row_sum[1] > 0.f ? 1.f / row_sum[1] : 0.f};
-  T* obase = reinterpret_cast<T*>(p.o) + b * p.o_batch_stride + (int64_t)q_start * p.o_row_stride + h * p.o_head_stride;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = m0 + r0 + 8 * r;
-    if (row < sq) {
-      T* orow = obase + (int64_t)row * p.o_row_stride;
-#pragma unroll
-      for (int dt = 0; dt < kDT; ++dt) {
-        *reinterpret_cast<uint32_t*>(orow + dt * 8 + 2 * t4) =
-            Pack2<T>::pack(acc_o[dt * 4 + 2 * r] * inv[r], acc_o[dt * 4 + 2 * r + 1] * inv[r]);
+    for (int i = 0; i < kD / 2; ++i) acc_o[i] = 0.f;
+    row_max[0] = row_max[1] = -INFINITY;
+    row_sum[0] = row_sum[1] = 0.f;
+    mbar_wait(q_full, n_items & 1);
+    if (w.n_tiles > 0) {
+      float corr[2];
+      if constexpr (Tr::kPipeline) {
+        gemm_turn_begin();
+        issue_s(0);
+        gemm_turn_end();
+        wgmma_wait<0>();
+        fence_operands<kBN / 2>(acc_s);
+        mbar_arrive(&k_empty[kv_base % kStages]);
+        softmax(0, corr);
+        rescale_and_pack(corr);
+        for (int tile = 1; tile < w.n_tiles; ++tile) {
+          const int prev = (kv_base + tile - 1) % kStages;
+          gemm_turn_begin();
+          issue_s(tile);
+          issue_pv_tile(tile - 1);
+          gemm_turn_end();
+          wgmma_wait<1>();
+          fence_operands<kBN / 2>(acc_s);
+          mbar_arrive(&k_empty[(kv_base + tile) % kStages]);
+          softmax(tile, corr);
+          wgmma_wait<0>();
+          fence_operands<kD / 2>(acc_o);
+          mbar_arrive(&v_empty[prev]);
+          rescale_and_pack(corr);
+        }
+        mbar_arrive(q_empty);  // every S GEMM of this item has completed: Q may be overwritten
+        gemm_turn_begin();
+        issue_pv_tile(w.n_tiles - 1);
+        gemm_turn_end();
+        wgmma_wait<0>();
+        fence_operands<kD / 2>(acc_o);
+        mbar_arrive(&v_empty[(kv_base + w.n_tiles - 1) % kStages]);
+      } else {
+        for (int tile = 0; tile < w.n_tiles; ++tile) {
+          gemm_turn_begin();
+          issue_s(tile);
+          gemm_turn_end();
+          wgmma_wait<0>();
+          fence_operands<kBN / 2>(acc_s);
+          mbar_arrive(&k_empty[(kv_base + tile) % kStages]);
+          softmax(tile, corr);
+          rescale_and_pack(corr);
+          gemm_turn_begin();
+          issue_pv_tile(tile);
+          gemm_turn_end();
+          wgmma_wait<0>();
+          fence_operands<kD / 2>(acc_o);
+          mbar_arrive(&v_empty[(kv_base + tile) % kStages]);
+        }
+        mbar_arrive(q_empty);
       }
-      if (p.lse && t4 == 0) {
-        constexpr float kLn2 = 0.69314718055994530942f;
-        p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + q_start + row] =
-            row_sum[r] > 0.f ? (row_max[r] + log2f(row_sum[r])) * kLn2 : -INFINITY;
+    } else {
+      mbar_arrive(q_empty);
+    }
+    // Epilogue: normalize and store straight from registers; LSE in natural log.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      row_sum[r] += __shfl_xor_sync(0xffffffff, row_sum[r], 1);
+      row_sum[r] += __shfl_xor_sync(0xffffffff, row_sum[r], 2);
+    }
+    const float inv[2] = {row_sum[0] > 0.f ? 1.f / row_sum[0] : 0.f, row_sum[1] > 0.f ? 1.f / row_sum[1] : 0.f};
+    T* obase = reinterpret_cast<T*>(p.o) + w.b * p.o_batch_stride + (int64_t)w.q_start * p.o_row_stride +
+               w.h * p.o_head_stride;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = w.m0 + r0 + 8 * r;
+      if (row < w.sq) {
+        T* orow = obase + (int64_t)row * p.o_row_stride;
+#pragma unroll
+        for (int dt = 0; dt < kDT; ++dt) {
+          *reinterpret_cast<uint32_t*>(orow + dt * 8 + 2 * t4) =
+              Pack2<T>::pack(acc_o[dt * 4 + 2 * r] * inv[r], acc_o[dt * 4 + 2 * r + 1] * inv[r]);
+        }
+        if (p.lse && t4 == 0) {
+          constexpr float kLn2 = 0.69314718055994530942f;
+          p.lse[w.b * p.lse_batch_stride + w.h * p.lse_head_stride + w.q_start + row] =
+              row_sum[r] > 0.f ? (row_max[r] + log2f(row_sum[r])) * kLn2 : -INFINITY;
+        }
       }
     }
+    kv_base += w.n_tiles;
+    ++n_items;
   }
+  if constexpr (Tr::kPingPong) {
+    if (wg == 1) asm volatile("bar.sync 1, 256;\n" ::: "memory");  // consume warpgroup 2's last arrive
+  }
+
 #endif
 }
 

@@ -19,8 +19,12 @@ constexpr int kThreads = 256;
 constexpr uint32_t kNegInfKey = 0x007FFFFFu;  // order_key(-inf)
 constexpr int kMaxPoolBytes = 64 * 1024;
 
+// Monotone map float -> uint32 (larger score, larger key). -0.0 is folded onto +0.0 first: the two compare equal as
+// floats, so they must tie (and fall back to "lower position wins") like in the sort-based reference; without the
+// fold -0.0 would rank strictly below +0.0 and rows whose k-th best score is 0 would pick different positions.
 __device__ __forceinline__ uint32_t order_key(float f) {
-  const uint32_t u = __float_as_uint(f);
+  uint32_t u = __float_as_uint(f);
+  if (u == 0x80000000u) u = 0u;
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
