@@ -195,6 +195,27 @@ def test_fallback_warning_once_per_reason(record):
     assert len(_of(record, flashcore.FlashcoreFallbackWarning, "dropout")) == 1
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("dtype", "head_dim", "backend", "warning"),
+    [
+        (torch.float16, 64, "sparsek", None),
+        (torch.bfloat16, 128, "sparsek", None),
+        (torch.float16, 256, "sparsek", None),
+        (torch.float32, 64, "sdpa", "float16/bfloat16, not float32"),
+        (torch.float16, 80, "sdpa", "head dims"),
+    ],
+)
+def test_cuda_routing(dtype, head_dim, backend, warning, spy, record):
+    q, k, v = (rand(2, 4, 96, head_dim, seed=s).to("cuda", dtype) for s in (1, 2, 3))
+    out = flashcore.attention(q, k, v, is_causal=True, layout="bhsd")
+    assert spy[backend] == 1, spy
+    fallbacks = _of(record, flashcore.FlashcoreFallbackWarning)
+    assert [warning in str(w.message) for w in fallbacks] == ([True] if warning else [])
+    ref = REAL_SDPA(q.float(), k.float(), v.float(), is_causal=True)
+    assert rel_error(out, ref) < (2e-2 if dtype == torch.bfloat16 else 3e-3)
+
+
 def test_meta_device_falls_back():
     reason = _dispatch.unsupported_reason(*(torch.empty(1, 2, 8, 64, device="meta"),) * 3, layout="bhsd")
     assert reason is not None and reason.key == "device-meta" and reason.warn
@@ -427,6 +448,21 @@ def test_module_argument_errors():
         m = flashcore.FlashCoreAttention(32, 2)
         with pytest.raises(ValueError, match="2-D"):
             m(rand(1, 2, 3, 32), rand(1, 2, 3, 32), rand(1, 2, 3, 32))
+
+
+def test_module_pickled_by_flashcore_05_loads():
+    import pickle
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = flashcore.FlashCoreAttention(32, 2).eval()
+        state = dict(m.__getstate__())
+        del state["batch_first"]  # 0.5's module had no such attribute
+        old = flashcore.torch_ops.FlashCoreAttention.__new__(flashcore.torch_ops.FlashCoreAttention)
+        old.__setstate__(state)
+        restored = pickle.loads(pickle.dumps(old))
+        x = rand(6, 2, 32)
+        assert torch.equal(restored(x, x, x)[0], m(x, x, x)[0])
 
 
 def test_attention_forward_positional_scale():

@@ -1,9 +1,10 @@
 """blackwell_sparsek 0.1's public API, running on sparsek (shipped by ``sparsek-flashcore-compat``). Deprecated.
 
-* [`attention_forward`][blackwell_sparsek.attention_forward]: attention on ``[B, H, S, D]`` tensors, now on
-  sparsek (CPU reference or CUDA kernels) with a working backward.
-* ``SparseKAttention``, ``SparseKBackend`` and ``register_vllm_backend`` (also importable from
-  ``blackwell_sparsek.backends``, where blackwell_sparsek's docs put them) are re-exported lazily on first access:
+[`attention_forward`][blackwell_sparsek.attention_forward] computes attention on ``[B, H, S, D]`` tensors, now on
+sparsek (CPU reference or CUDA kernels) with a working backward.
+
+The framework integrations blackwell_sparsek's docs promised are re-exported lazily on first access, from
+``blackwell_sparsek`` and from ``blackwell_sparsek.backends`` (where those docs put them):
 
 | old name | now | pip install |
 |---|---|---|
@@ -11,8 +12,8 @@
 | ``SparseKBackend`` | ``sparsek_vllm.SparsekAttentionBackend`` | ``sparsek-vllm`` |
 | ``register_vllm_backend`` | ``sparsek_vllm.register`` | ``sparsek-vllm`` |
 
-  When that package is missing, accessing the name raises ``ImportError`` naming the distribution to install.
-  They are not in ``__all__`` so that ``from blackwell_sparsek import *`` works without them.
+When that package (or the framework it needs) is missing, accessing the name raises ``ImportError`` naming the
+distribution to install. They are not in ``__all__``, so ``from blackwell_sparsek import *`` works without them.
 
 Every entry point emits one ``DeprecationWarning`` per process naming its sparsek replacement.
 ``blackwell_sparsek.__version__`` is ``"0.1.0+sparsek.compat.<version of this distribution>"``.

@@ -10,12 +10,14 @@ Code written for flashcore keeps working unchanged:
 
 Each entry point emits one ``DeprecationWarning`` per process naming its sparsek replacement. Calls sparsek cannot
 serve (masks, dropout, dtypes or head dims its GPU kernels lack) run on PyTorch SDPA with one
-[`FlashcoreFallbackWarning`][flashcore.FlashcoreFallbackWarning] per reason. See ``docs/migrating-from-flashcore.md``.
+[`FlashcoreFallbackWarning`][flashcore.FlashcoreFallbackWarning] per entry point and reason. See
+``docs/migrating-from-flashcore.md``.
 
 ``flashcore.__version__`` is ``"0.5.0+sparsek.compat.<version of this distribution>"``: the flashcore API it
 reproduces, with the compat release as a PEP 440 local label.
 """
 
+from . import torch_ops as torch_ops  # 0.5 imported it here too: ``flashcore.torch_ops.X`` keeps working
 from ._baseline import BaselineKernel, build_baseline
 from ._functional import attention
 from ._module import FlashCoreAttention

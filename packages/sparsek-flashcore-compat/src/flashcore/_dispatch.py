@@ -3,7 +3,7 @@
 sparsek serves 4-D ``bhsd``/``bshd`` attention without a mask or dropout: on the CPU through its PyTorch reference
 (any float dtype / head dim), on CUDA through its kernels (fp16/bf16, head dims 64/128/256, compute capability 8.0+).
 Everything else runs on the SDPA captured when this module was imported (never on a patched one), with one
-[`FlashcoreFallbackWarning`][flashcore.FlashcoreFallbackWarning] per reason and process.
+[`FlashcoreFallbackWarning`][flashcore.FlashcoreFallbackWarning] per entry point, reason and process.
 
 sparsek is forward only. When autograd needs a graph, the forward still runs on sparsek inside
 [`SparsekAttentionFunction`][flashcore._dispatch.SparsekAttentionFunction], whose backward recomputes the attention
@@ -12,6 +12,7 @@ with PyTorch SDPA and differentiates that (as flashcore 0.5's ``FlashCoreAttenti
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -120,9 +121,14 @@ def unsupported_reason(
             f"gpu-head-dim-{q.shape[-1]}",
             f"sparsek's CUDA kernels support head dims {KERNEL_HEAD_DIMS}, not {q.shape[-1]}",
         )
-    if torch.cuda.get_device_capability(q.device)[0] < 8:
+    if _capability(q.device.index if q.device.index is not None else torch.cuda.current_device())[0] < 8:
         return Unsupported("gpu-arch", "sparsek's CUDA kernels need compute capability 8.0 or newer")
     return None
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 def sdpa_in_layout(
@@ -228,7 +234,7 @@ def run_attention(
             reason = Unsupported("kernel-unavailable", f"sparsek's CUDA kernels are unavailable ({e})")
     if reason.warn:
         warn_once(
-            f"fallback:{reason.key}",
+            f"fallback:{caller}:{reason.key}",
             f"{caller}: {reason.message}; running PyTorch scaled_dot_product_attention instead "
             "(this warning is shown once per process)",
             FlashcoreFallbackWarning,

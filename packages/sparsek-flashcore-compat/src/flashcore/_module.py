@@ -87,6 +87,11 @@ class FlashCoreAttention(nn.Module):
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
         self._reset_parameters()
 
+    def __setstate__(self, state: dict) -> None:
+        # whole modules pickled by flashcore 0.5 (class path flashcore.torch_ops.FlashCoreAttention) lack batch_first
+        state.setdefault("batch_first", None)
+        super().__setstate__(state)
+
     def _reset_parameters(self) -> None:
         nn.init.xavier_uniform_(self.in_proj_weight)
         if self.in_proj_bias is not None:
@@ -160,7 +165,7 @@ class FlashCoreAttention(nn.Module):
 
         if need_weights:
             out, weights = self._forward_with_weights(
-                query, key, value, key_padding_mask, attn_mask, average_attn_weights, is_causal
+                query, key, value, self_attention, key_padding_mask, attn_mask, average_attn_weights, is_causal
             )
         else:
             out, weights = self._forward_sparsek(
@@ -217,7 +222,9 @@ class FlashCoreAttention(nn.Module):
         )
         return self.out_proj(out.reshape(batch, n_q, self.embed_dim)), None
 
-    def _forward_with_weights(self, query, key, value, key_padding_mask, attn_mask, average_attn_weights, is_causal):
+    def _forward_with_weights(
+        self, query, key, value, self_attention, key_padding_mask, attn_mask, average_attn_weights, is_causal
+    ):
         warn_once(
             "fallback:need-weights",
             "flashcore.FlashCoreAttention: sparsek does not return attention weights; need_weights=True runs "
@@ -227,10 +234,13 @@ class FlashCoreAttention(nn.Module):
         )
         if is_causal and attn_mask is None:
             attn_mask = torch.ones(query.shape[1], key.shape[1], dtype=torch.bool, device=query.device).triu(1)
+        # sequence first; keep query/key/value one object for self-attention (packed in-projection, as in nn.MHA)
+        query = query.transpose(0, 1)
+        key, value = (query, query) if self_attention else (key.transpose(0, 1), value.transpose(0, 1))
         out, weights = F.multi_head_attention_forward(
-            query.transpose(0, 1),
-            key.transpose(0, 1),
-            value.transpose(0, 1),
+            query,
+            key,
+            value,
             self.embed_dim,
             self.num_heads,
             self.in_proj_weight,

@@ -11,7 +11,8 @@ __all__ = ["FlashcoreFallbackWarning", "FlashcoreLayoutWarning", "deprecated", "
 class FlashcoreFallbackWarning(UserWarning):
     """A call that sparsek cannot serve ran on PyTorch's ``scaled_dot_product_attention`` instead.
 
-    Emitted once per process and reason (attention mask, dropout, dtype/head dim the GPU kernels lack, ...).
+    Emitted once per process, entry point and reason (attention mask, dropout, dtype/head dim the GPU kernels
+    lack, ...).
     """
 
 

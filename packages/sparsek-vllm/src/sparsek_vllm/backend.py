@@ -105,7 +105,7 @@ class SparsekAttentionMetadataBuilder(AttentionMetadataBuilder[SparsekAttentionM
         if isinstance(cam.causal, torch.Tensor):
             raise NotImplementedError("sparsek's vLLM backend does not support per-request (tensor) causal flags")
         num_decodes, num_prefills, num_decode_tokens, _ = split_decodes_and_prefills(cam, decode_threshold=1)
-        if num_prefills and not _SEEN.get("batch_kinds"):
+        if num_prefills and not _SEEN.get("batch_kinds"):  # diagnostics: cheap host ints, first 1000 batches only
             _log_batch_kinds(cam, num_decodes, num_prefills)
         return SparsekAttentionMetadata(
             num_actual_tokens=cam.num_actual_tokens,
@@ -122,7 +122,7 @@ class SparsekAttentionMetadataBuilder(AttentionMetadataBuilder[SparsekAttentionM
         )
 
 
-_SEEN: dict[str, bool] = {}
+_SEEN: dict[str, int] = {}
 
 
 def _log_batch_kinds(cam: CommonAttentionMetadata, num_decodes: int, num_prefills: int) -> None:
@@ -138,7 +138,8 @@ def _log_batch_kinds(cam: CommonAttentionMetadata, num_decodes: int, num_prefill
         if ctx.numel() and int(ctx.max()) > 0:
             _SEEN["context"] = True
             logger.info("sparsek: prefill over %d cached tokens (prefix cache or earlier chunk)", int(ctx.max()))
-    _SEEN["batch_kinds"] = _SEEN.get("mixed", False) and _SEEN.get("context", False)
+    _SEEN["builds"] = _SEEN.get("builds", 0) + 1
+    _SEEN["batch_kinds"] = (_SEEN.get("mixed", 0) and _SEEN.get("context", 0)) or _SEEN["builds"] >= 1000
 
 
 def split_kv_cache(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:

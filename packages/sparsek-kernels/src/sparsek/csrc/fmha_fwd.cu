@@ -143,9 +143,11 @@ static bool try_launch_sm90(const SkFmhaParams& p, cudaStream_t stream, cudaErro
     *err = attr_err;
     return true;
   }
-  // Persistent grid: one CTA per SM (shared memory allows no more), each looping over work tiles.
+  // Persistent grid (one CTA per SM, each looping over work tiles) when every tile costs the same; with a causal
+  // band the costs differ, and one CTA per tile lets the hardware balance them (heaviest tiles are issued first).
   const long items = (long)((p.seqlen_q + Tr::kBM - 1) / Tr::kBM) * p.heads_q * p.batch;
-  const int grid = (int)(items < num_sms() ? items : num_sms());
+  const bool balanced = !(p.window_right >= 0 && p.window_left < 0);
+  const int grid = (int)((items < num_sms() || !balanced) ? items : num_sms());
   if (grid == 0) {
     *err = cudaSuccess;
     return true;

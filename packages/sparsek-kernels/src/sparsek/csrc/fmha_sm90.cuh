@@ -123,13 +123,12 @@ struct WorkTile {
   bool valid;
 };
 
-// Work item i -> tile. Items are ordered by query block first (heaviest blocks first when causal) so that a static
-// round-robin over CTAs approximates longest-processing-time-first scheduling.
+// Work item i -> tile. The query block varies fastest, so CTAs running at the same time share one head's K/V in L2;
+// causal problems visit each head's heaviest (last) query blocks first.
 template <int kBM, int kBN>
 __device__ __forceinline__ WorkTile work_tile(const SkFmhaParams& p, int item, int num_m) {
   WorkTile w;
-  const int bh = p.heads_q * p.batch;
-  const int m_idx = item / bh, rem = item % bh;
+  const int m_idx = item % num_m, rem = item / num_m;
   w.h = rem % p.heads_q;
   w.b = rem / p.heads_q;
   const int m_block = (p.window_right >= 0 && p.window_left < 0) ? num_m - 1 - m_idx : m_idx;
