@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Generate csrc/wgmma_ops.cuh: inline-PTX wrappers for the Hopper wgmma shapes the sm90 FMHA kernel uses.
 
-    python tools/gen_wgmma.py > packages/sparsek-kernels/src/sparsek/csrc/wgmma_ops.cuh
+python tools/gen_wgmma.py > packages/sparsek-kernels/src/sparsek/csrc/wgmma_ops.cuh
 """
 
 NS = (64, 96, 128, 192, 256)
@@ -47,8 +47,12 @@ def main() -> None:
     print("// wgmma_ss<N, T>: D[64xN] (+)= A[64x16] (smem, K-major) * B[16xN] (smem, K-major), f32 accumulate.")
     print("// wgmma_rs_tb<N, T>: D[64xN] (+)= A[64x16] (registers) * B[16xN] (smem, MN-major: transpose-B flag set).")
     print("#pragma once\n#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n#include <stdint.h>\n\nnamespace sparsek {\n")
-    print("template <int N, typename T>\n__device__ __forceinline__ void wgmma_ss(float* d, uint64_t desc_a, uint64_t desc_b, int scale_d);")
-    print("template <int N, typename T>\n__device__ __forceinline__ void wgmma_rs_tb(float* d, const uint32_t* a, uint64_t desc_b, int scale_d);\n")
+    print(
+        "template <int N, typename T>\n__device__ __forceinline__ void wgmma_ss(float* d, uint64_t desc_a, uint64_t desc_b, int scale_d);"
+    )
+    print(
+        "template <int N, typename T>\n__device__ __forceinline__ void wgmma_rs_tb(float* d, const uint32_t* a, uint64_t desc_b, int scale_d);\n"
+    )
     for ty in TYPES:
         for n in NS:
             print(emit_ss(n, ty))

@@ -1,6 +1,6 @@
 """sparsek: fast dense and sparse attention kernels for NVIDIA Hopper and Blackwell GPUs.
 
-Public API: dense [`attention`][sparsek.attention] and [`varlen_attention`][sparsek.varlen_attention];
+Public API: dense [`attention`][sparsek.attention.attention] and [`varlen_attention`][sparsek.attention.varlen_attention];
 SparseK sparse attention ([`sparsek_select`][sparsek.sparse.sparsek_select], [`sparsek_mask`][sparsek.sparse.sparsek_mask],
 [`topk_attention`][sparsek.sparse.topk_attention], [`block_sparse_attention`][sparsek.sparse.block_sparse_attention],
 [`sparsek_attention`][sparsek.sparse.sparsek_attention]); the pure-PyTorch references in

@@ -105,9 +105,9 @@ def varlen_attention(
         cu_seqlens_k: int32 ``[batch + 1]`` prefix sums of the key lengths.
         max_seqlen_q: the longest query sequence (an upper bound is fine).
         max_seqlen_k: the longest key sequence (an upper bound is fine).
-        causal: per-sequence bottom-right causal mask, as in [`attention`][sparsek.attention].
+        causal: per-sequence bottom-right causal mask, as in [`attention`][sparsek.attention.attention].
         scale: softmax scale, default ``head_dim ** -0.5``.
-        window: ``(left, right)`` sliding window, as in [`attention`][sparsek.attention].
+        window: ``(left, right)`` sliding window, as in [`attention`][sparsek.attention.attention].
         return_lse: also return the LSE, float32 ``[heads_q, total_q]``.
 
     Empty sequences are allowed. The cu_seqlens values are checked on the host, except while a CUDA graph is

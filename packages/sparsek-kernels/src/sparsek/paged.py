@@ -7,7 +7,7 @@ lives in block ``block_table[b, j // block_size]``, row ``j % block_size``.
 
 On CUDA, single-token (decode) requests run sparsek's paged decode kernel (``csrc/paged_decode.cu``: one CTA per KV
 head serving all its query heads, split-KV for long contexts) and the other requests run the paged FMHA kernel. On
-the CPU the pure-PyTorch references in [`sparsek.reference.paged`][sparsek.reference.paged] run.
+the CPU the pure-PyTorch references in ``sparsek.reference.paged`` run.
 
 Ops: ``torch.ops.sparsek.reshape_and_cache`` and ``torch.ops.sparsek.paged_attention_out`` (mutating, with fake
 implementations for ``torch.compile``). The public wrappers below validate their inputs; the raw ops do not.

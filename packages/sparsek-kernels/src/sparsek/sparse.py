@@ -4,7 +4,7 @@ Conventions (see ``docs/sparse.md``):
 
 * ``q`` is ``[B, Sq, Hq, D]``, ``k``/``v`` are ``[B, Sk, Hkv, D]`` (``bshd``, unit last stride), ``Hq % Hkv == 0``.
   Query ``i`` sits at key position ``pos = i + Sk - Sq`` (bottom-right alignment, as in
-  [`sparsek.attention`][sparsek.attention]).
+  [`sparsek.attention`][sparsek.attention.attention]).
 * ``window = w > 0`` is the local band ``[pos - w + 1, pos]`` (``w`` keys including the query); ``w = 0``: no band.
 * Index lists are int32 key positions, ``-1`` padded, one list per KV head: per query ``[B, Hkv, Sq, n]`` or shared
   by each block of ``block_size`` consecutive queries ``[B, Hkv, ceil(Sq / block_size), n]``.

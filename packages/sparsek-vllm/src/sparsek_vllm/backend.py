@@ -80,7 +80,7 @@ class SparsekAttentionMetadata:
 
 
 class SparsekAttentionMetadataBuilder(AttentionMetadataBuilder[SparsekAttentionMetadata]):
-    """Builds [`SparsekAttentionMetadata`][sparsek_vllm.SparsekAttentionMetadata] from vLLM's common metadata.
+    """Builds [`SparsekAttentionMetadata`][sparsek_vllm.backend.SparsekAttentionMetadata] from vLLM's common metadata.
 
     Asks vLLM to reorder batches so that single-token (decode) requests come first. CUDA-graph support is not
     declared (``NEVER``): the kernels are capture-safe, but full-graph replay inside vLLM has not been validated, so

@@ -3,7 +3,7 @@
 vLLM calls [`register`][sparsek_vllm.plugin.register] in every process it starts (API server, engine core,
 workers), so registration holds across processes. After it:
 
-* ``AttentionBackendEnum.CUSTOM`` resolves to [`SparsekAttentionBackend`][sparsek_vllm.SparsekAttentionBackend]
+* ``AttentionBackendEnum.CUSTOM`` resolves to [`SparsekAttentionBackend`][sparsek_vllm.backend.SparsekAttentionBackend]
   (``--attention-backend CUSTOM``);
 * the names ``SPARSEK`` and ``SPARSEK_XFORMERS`` are aliases of that ``CUSTOM`` member
   (``--attention-backend SPARSEK``). They are enum *aliases*, not new members, on purpose: vLLM pickles enum members

@@ -56,7 +56,7 @@ def attention_ref(
     layout: str = "bshd",
     return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Reference for [`sparsek.attention`][sparsek.attention]; same arguments and semantics, no input checks."""
+    """Reference for [`sparsek.attention`][sparsek.attention.attention]; same arguments and semantics, no input checks."""
     from .._validation import normalize_window
 
     left, right = normalize_window(window, causal)
@@ -83,7 +83,7 @@ def varlen_attention_ref(
     window: tuple[int, int] | None = None,
     return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Reference for [`sparsek.varlen_attention`][sparsek.varlen_attention]: one dense call per sequence.
+    """Reference for [`sparsek.varlen_attention`][sparsek.attention.varlen_attention]: one dense call per sequence.
 
     ``q`` is ``[total_q, Hq, D]``; the LSE is ``[Hq, total_q]`` (packed, FlashAttention's varlen format).
     """
