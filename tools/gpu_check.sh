@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build, test and benchmark sparsek on a CUDA machine in one go; prints a short table last.
 #   bash tools/gpu_check.sh [stage ...]     stages: build tests bench bench-quick extra (default: build tests bench)
+# extra = the sparse, paged-decode and xFormers benchmarks of the packages.
 # Logs and tables go to $OUT (default ./gpu_out). Uses the source tree directly (PYTHONPATH), so nothing is installed.
 set -u
 cd "$(dirname "$0")/.."
@@ -48,12 +49,13 @@ if has bench; then
   $PY tools/bench_attention.py --out "$OUT" >"$OUT/bench.log" 2>&1 || tail -20 "$OUT/bench.log"
 fi
 if has extra; then
-  for b in packages/*/benchmarks/*.py; do
-    [ -f "$b" ] || continue
-    name=$(basename "$b" .py)
-    timeout 240 $PY "$b" --out "$OUT" >"$OUT/$name.log" 2>&1
-    summary+=("$name rc=$?")
-  done
+  mkdir -p "$OUT/sparse"
+  timeout 300 $PY packages/sparsek-kernels/benchmarks/bench_sparse.py --out "$OUT/sparse" >"$OUT/bench_sparse.log" 2>&1
+  summary+=("bench_sparse rc=$?")
+  timeout 150 $PY packages/sparsek-kernels/benchmarks/bench_decode.py --out "$OUT/bench_decode.md" >"$OUT/bench_decode.log" 2>&1
+  summary+=("bench_decode rc=$?")
+  timeout 100 $PY packages/sparsek-xformers/benchmarks/bench_xformers.py --out "$OUT/bench_xformers.md" >"$OUT/bench_xformers.log" 2>&1
+  summary+=("bench_xformers rc=$?")
 fi
 
 echo "================ summary ================"
