@@ -95,7 +95,7 @@ def docs(session: nox.Session) -> None:
 def build(session: nox.Session) -> None:
     """Build the four wheels + sdists with hatch; install each alone in a fresh venv and check what it pulled."""
     session.install("hatch")
-    dist = Path(session.create_tmp()) / "dist"
+    dist = Path(session.create_tmp()).resolve() / "dist"
     shutil.rmtree(dist, ignore_errors=True)
     for pkg in ALL:
         with session.chdir(pkg):
@@ -107,7 +107,7 @@ def build(session: nox.Session) -> None:
         "sparsek-flashcore-compat": ("flashcore", ["vllm", "xformers"]),
         "sparsek-vllm": ("sparsek_vllm", ["xformers", "sparsek_xformers"]),
     }
-    tmp = Path(session.create_tmp())
+    tmp = Path(session.create_tmp()).resolve()
     for dist_name, (module, absent) in checks.items():
         env_dir = tmp / f"venv-{dist_name}"
         shutil.rmtree(env_dir, ignore_errors=True)

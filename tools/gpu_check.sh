@@ -9,7 +9,7 @@ OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 export SPARSEK_CACHE_DIR=${SPARSEK_CACHE_DIR:-$PWD/.sk_cache}
-SRC=packages/sparsek-kernels/src:packages/sparsek-xformers/src:packages/sparsek-vllm/src:packages/sparsek-flashcore-compat/src
+SRC=$PWD/packages/sparsek-kernels/src:$PWD/packages/sparsek-xformers/src:$PWD/packages/sparsek-vllm/src:$PWD/packages/sparsek-flashcore-compat/src
 export PYTHONPATH=$SRC${PYTHONPATH:+:$PYTHONPATH}
 PY=${PYTHON:-python3}
 stages=${*:-build tests bench}

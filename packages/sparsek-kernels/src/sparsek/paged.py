@@ -176,6 +176,7 @@ def _reshape_and_cache_cpu(key, value, key_cache, value_cache, slot_mapping):
 
 @torch.library.impl(_LIB, "reshape_and_cache", "CUDA")
 def _reshape_and_cache_cuda(key, value, key_cache, value_cache, slot_mapping):
+    _check_base_aligned(("key_cache", key_cache), ("value_cache", value_cache))
     if slot_mapping.shape[0] == 0:
         return
     try:
@@ -209,6 +210,7 @@ def _paged_attention_out_cpu(q, kc, vc, bt, cu_q, seq_lens, max_sq, max_sk, scal
 
 @torch.library.impl(_LIB, "paged_attention_out", "CUDA")
 def _paged_attention_out_cuda(q, kc, vc, bt, cu_q, seq_lens, max_sq, max_sk, scale, wl, wr, num_decodes, out, lse):
+    _check_base_aligned(("q", q), ("key_cache", kc), ("value_cache", vc), ("out", out))
     try:
         _load(q.device)
     except _lib.KernelUnavailable:
@@ -240,11 +242,19 @@ def _check_int_tensor(name: str, t: object, ndim: int, dtype: torch.dtype, devic
     return t
 
 
+def _check_base_aligned(*named: tuple[str, torch.Tensor]) -> None:
+    """Raise ``ValueError`` unless every non-empty tensor starts on a 16-byte boundary (the kernels' vector width)."""
+    for name, t in named:
+        if t.numel() and t.data_ptr() % 16 != 0:
+            raise ValueError(f"{name} must be 16-byte aligned for sparsek's CUDA kernels")
+
+
 def _check_kernel_alignment(name: str, t: torch.Tensor, dims: int) -> None:
     """The CUDA kernels read 16-byte chunks: 16-byte aligned base and strides (dims before the last) in units of 8."""
     if t.device.type != "cuda" or t.numel() == 0:
         return
-    if t.data_ptr() % 16 != 0:
+    # data_ptr() cannot be traced; under torch.compile the CUDA op implementations re-check the base address.
+    if not torch.compiler.is_compiling() and t.data_ptr() % 16 != 0:
         raise ValueError(f"{name} must be 16-byte aligned for sparsek's CUDA kernels")
     for i in range(dims):
         if (t.stride(i) * t.element_size()) % 16 != 0:
