@@ -32,7 +32,13 @@ def target_for_capability(capability: tuple[int, int]) -> KernelChoice:
     """
     major, minor = capability
     if major == 9:
-        return KernelChoice(capability, "sm90a", "portable-mma", "Hopper build (sm_90a), mma.sync tensor-core kernel")
+        return KernelChoice(
+            capability,
+            "sm90a",
+            "hopper-wgmma",
+            "Hopper build (sm_90a): wgmma/TMA warp-specialized kernel for dense and varlen attention at head dims "
+            "64/128; mma.sync kernel for head dim 256, paged K/V and sparse index lists",
+        )
     if major == 10:
         return KernelChoice(
             capability, "sm100a", "portable-mma", "Blackwell build (sm_100a), portable kernel (no native kernel yet)"

@@ -68,8 +68,21 @@ def cmd_info(args: argparse.Namespace) -> int:
         choice = device_choice()
         print(f"GPU: {torch.cuda.get_device_name()} (compute capability {choice.capability[0]}.{choice.capability[1]})")
         print(f"build target: {choice.target}")
-        for op in ("fmha_fwd (attention, varlen_attention)",):
-            print(f"  {op}: {choice.family} — {choice.note}")
+        print(f"kernel family: {choice.family} — {choice.note}")
+        dense = (
+            "sm90 wgmma/TMA kernel (head dims 64/128), mma.sync otherwise"
+            if choice.family == "hopper-wgmma"
+            else ("portable mma.sync kernel")
+        )
+        for op, kernel in (
+            ("attention / varlen_attention", dense),
+            ("paged_attention (prefill)", "portable mma.sync kernel through a block table"),
+            ("paged_decode", "split-KV GQA decode kernel"),
+            ("reshape_and_cache", "KV-cache write kernel"),
+            ("topk_attention / block_sparse_attention", "mma.sync kernel in index-list mode, or the gather kernel"),
+            ("sparsek_select", "radix top-k selection kernel"),
+        ):
+            print(f"  {op}: {kernel}")
     else:
         print("GPU: none (every op runs its pure-PyTorch reference on the CPU)")
     nvcc = build.find_nvcc()
