@@ -11,7 +11,7 @@ import torch
 
 from .arch import device_choice
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 _LOG2E = 1.0 / math.log(2.0)
 _i64, _i32, _ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
 
@@ -35,6 +35,7 @@ class SkFmhaParams(ctypes.Structure):
         ("batch", _i32), ("heads_q", _i32), ("heads_kv", _i32), ("seqlen_q", _i32), ("seqlen_k", _i32),
         ("head_dim", _i32), ("page_size", _i32), ("window_left", _i32), ("window_right", _i32),
         ("is_bf16", _i32), ("scale_log2", ctypes.c_float), ("total_q", _i32), ("total_k", _i32),
+        ("kv_index_run", _i32), ("pad1", _i32),
     ]  # fmt: skip
 
 
@@ -121,13 +122,15 @@ def fmha_fwd(
     kv_indices: torch.Tensor | None = None,
     kv_counts: torch.Tensor | None = None,
     index_block_q: int = 64,
+    kv_index_run: int = 1,
 ) -> None:
     """Launch the FMHA kernel on the current stream.
 
     Dense tensors are ``[B, S, H, D]`` (any strides with a unit last stride); varlen/paged ones are
     ``[total, H, D]`` (or ``[num_pages, page_size, H, D]`` for paged K/V). Index-list (sparse) mode:
     ``kv_indices`` int32 ``[B, Hkv, num_q_blocks, max_n]`` and ``kv_counts`` int32 ``[B, Hkv, num_q_blocks]``,
-    semantics in ``csrc/sparsek_abi.h``. All tensors must be on ``q``'s device; no checks happen here.
+    semantics in ``csrc/sparsek_abi.h``; ``kv_index_run=R > 1`` makes every entry the start of R consecutive keys
+    (R a multiple of 64). All tensors must be on ``q``'s device; no checks happen here.
     """
     lib = load(q.device)
     paged = block_table is not None
@@ -162,6 +165,6 @@ def fmha_fwd(
         block_table.stride(0) if paged else 0,
         batch, q.shape[-2], k.shape[-2], max_seqlen_q, max_seqlen_k, q.shape[-1],
         k.shape[1] if paged else 0, window_left, window_right,
-        int(q.dtype == torch.bfloat16), scale * _LOG2E, q.shape[-3], k.shape[-3],
+        int(q.dtype == torch.bfloat16), scale * _LOG2E, q.shape[-3], k.shape[-3], kv_index_run, 0,
     )  # fmt: skip
     check(lib, lib.sk_fmha_fwd(ctypes.byref(p), current_stream(q.device)), "fmha forward")

@@ -191,6 +191,10 @@ _FRAG.define(
     "index_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor kv_indices, Tensor kv_counts, int index_block_q, "
     "float scale, int window_left, int window_right, bool return_lse) -> (Tensor, Tensor)"
 )
+_FRAG.define(
+    "block_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor kv_starts, Tensor kv_counts, int index_block_q, int run, "
+    "float scale, int window_left, int window_right, bool return_lse) -> (Tensor, Tensor)"
+)
 
 
 def _select_alloc(scores: torch.Tensor, k: int, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -324,6 +328,46 @@ def _index_attn_cuda(q, k, v, kv_indices, kv_counts, ibq, scale, wl, wr, return_
 
 @torch.library.register_fake("sparsek::index_attn_fwd")
 def _index_attn_fake(q, k, v, kv_indices, kv_counts, ibq, scale, wl, wr, return_lse):
+    return _attn_alloc(q, return_lse)
+
+
+def _runs_to_tokens(starts: torch.Tensor, counts: torch.Tensor, run: int, sk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run lists (first key of ``run`` consecutive keys, first ``counts`` entries used) → token lists and counts."""
+    keep = torch.arange(starts.shape[-1], device=starts.device) < counts.unsqueeze(-1)
+    starts = torch.where(keep, starts, torch.full_like(starts, -1))
+    tok = starts.unsqueeze(-1) + torch.arange(run, device=starts.device, dtype=torch.int32)
+    tok = torch.where((starts.unsqueeze(-1) >= 0) & (tok < sk), tok, torch.full_like(tok, -1)).flatten(-2)
+    return tok, torch.full(tok.shape[:3], tok.shape[-1], dtype=torch.int32, device=tok.device)
+
+
+@torch.library.impl(_FRAG, "block_attn_fwd", "CPU")
+def _block_attn_cpu(q, k, v, kv_starts, kv_counts, ibq, run, scale, wl, wr, return_lse):
+    tok, cnt = _runs_to_tokens(kv_starts, kv_counts, run, k.shape[1])
+    return _index_attn_reference(q, k, v, tok, cnt, ibq, scale, wl, wr, return_lse)
+
+
+@torch.library.impl(_FRAG, "block_attn_fwd", "CUDA")
+def _block_attn_cuda(q, k, v, kv_starts, kv_counts, ibq, run, scale, wl, wr, return_lse):
+    try:
+        _lib.load(q.device)
+    except _lib.KernelUnavailable:
+        if not _lib.fallback_allowed():
+            raise
+        return _block_attn_cpu(q, k, v, kv_starts, kv_counts, ibq, run, scale, wl, wr, return_lse)
+    out, lse = _attn_alloc(q, return_lse)
+    if q.numel() == 0:
+        return out, lse
+    _lib.fmha_fwd(
+        q, k, v, out, lse if return_lse else None,
+        cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, block_table=None,
+        max_seqlen_q=q.shape[1], max_seqlen_k=k.shape[1], scale=scale, window_left=wl, window_right=wr,
+        kv_indices=kv_starts.contiguous(), kv_counts=kv_counts.contiguous(), index_block_q=ibq, kv_index_run=run,
+    )  # fmt: skip
+    return out, lse
+
+
+@torch.library.register_fake("sparsek::block_attn_fwd")
+def _block_attn_fake(q, k, v, kv_starts, kv_counts, ibq, run, scale, wl, wr, return_lse):
     return _attn_alloc(q, return_lse)
 
 
@@ -601,8 +645,9 @@ def block_sparse_attention(
     Returns:
         The output ``[B, Sq, Hq, D]`` and the LSE if ``return_lse``.
 
-    CUDA: block lists expand to token runs for the FMHA index-list kernel when ``q_block`` is a multiple of 64
-    (otherwise the per-query gather kernel). CPU: the reference.
+    CUDA: when ``q_block`` and ``kv_block`` are multiples of 64 the block lists go to the FMHA kernel as runs of
+    ``kv_block`` keys (no expansion to tokens); other sizes expand to token lists (FMHA index-list kernel when
+    ``q_block`` is a multiple of 64, otherwise the per-query gather kernel). CPU: the reference.
     """
     _check_attn_inputs(q, k, v)
     if not isinstance(causal, bool):
@@ -653,6 +698,16 @@ def block_sparse_attention(
         v = v.repeat_interleave(hq // hk, dim=2)
     elif hm == 1 and hk != 1:
         lists = lists.expand(-1, hk, -1, -1)
+    if qb % 64 == 0 and kb % 64 == 0:  # runs of kb keys go to the FMHA kernel without expanding them to tokens
+        _check_kernel_head_dim(q, INDEX_KERNEL_HEAD_DIMS, "FMHA index-list")
+        srt = _sort_padded(lists)
+        starts = torch.where(srt >= 0, srt * kb, srt)
+        starts, _, ibq = _shared_to_fmha(starts, qb, 0, sq, sk, q.shape[-1])
+        counts = (starts >= 0).sum(-1, dtype=torch.int32)  # sorted: valid entries come first
+        out, lse = torch.ops.sparsek.block_attn_fwd(
+            q, k, v, starts, counts, ibq, kb, scale, -1, 0 if causal else -1, return_lse
+        )
+        return (out, lse) if return_lse else out
     tokens = _expand_blocks(_sort_padded(lists), kb, sk)
     if qb % 64 == 0:
         _check_kernel_head_dim(q, INDEX_KERNEL_HEAD_DIMS, "FMHA index-list")

@@ -16,6 +16,7 @@ enum SkError : int {
   kErrBadHeadDim = -1,
   kErrBadIndexBlock = -2,
   kErrBadHeads = -3,
+  kErrBadIndexRun = -4,
 };
 
 template <int kD, int kWarps, int kMT, int kBN, typename T>
@@ -208,6 +209,7 @@ extern "C" int sk_fmha_fwd(const SkFmhaParams* params, void* stream) {
   const SkFmhaParams& p = *params;
   if (p.heads_kv <= 0 || p.heads_q % p.heads_kv != 0) return sparsek::kErrBadHeads;
   if (p.kv_indices && p.index_block_q != 64 && p.index_block_q != 128) return sparsek::kErrBadIndexBlock;
+  if (p.kv_indices && p.kv_index_run > 1 && p.kv_index_run % 64 != 0) return sparsek::kErrBadIndexRun;
   auto s = static_cast<cudaStream_t>(stream);
   return p.is_bf16 ? sparsek::dispatch<__nv_bfloat16>(p, s) : sparsek::dispatch<half>(p, s);
 }
@@ -220,9 +222,11 @@ extern "C" const char* sk_error_string(int code) {
       return "index_block_q must be 64 or 128 (64 for head dim 256)";
     case sparsek::kErrBadHeads:
       return "heads_q must be a positive multiple of heads_kv";
+    case sparsek::kErrBadIndexRun:
+      return "kv_index_run must be 0, 1 or a multiple of 64";
     default:
       return cudaGetErrorString(static_cast<cudaError_t>(code));
   }
 }
 
-extern "C" int sk_abi_version(void) { return 2; }
+extern "C" int sk_abi_version(void) { return 3; }

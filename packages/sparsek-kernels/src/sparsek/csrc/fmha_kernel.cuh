@@ -166,7 +166,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) fmha_fwd_kernel(
     lo = (lo / kBN) * kBN;
     if (hi < lo) hi = lo;
   }
-  const int n_list_tiles = (list_n + kBN - 1) / kBN;
+  const int run = p.kv_index_run > 1 ? p.kv_index_run : 1;  // keys per list entry (a multiple of kBN when > 1)
+  const int n_list_tiles = run > 1 ? list_n * (run / kBN) : (list_n + kBN - 1) / kBN;
   const int n_tiles = n_list_tiles + (hi - lo + kBN - 1) / kBN;
 
   const T* qbase = reinterpret_cast<const T*>(p.q) + s.b * p.q_batch_stride + (int64_t)s.q_start * p.q_row_stride +
@@ -193,10 +194,18 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) fmha_fwd_kernel(
     const int base = in_list ? tile * kBN : lo + (tile - n_list_tiles) * kBN;
     T* dK = sK + stage * kBN * kD;
     T* dV = sV + stage * kBN * kD;
+    // Run mode: this tile covers keys [run_first, run_first + kBN) of one run (-1: the entry is padding).
+    int run_first = -1;
+    if (in_list && run > 1) {
+      const int start = list[base / run];
+      run_first = start >= 0 ? start + base % run : -1;
+    }
     for (int c = tid; c < kBN * kChunks; c += Tr::kThreads) {
       const int r = c / kChunks, ch = c % kChunks;
       int j;
-      if (in_list) {
+      if (in_list && run > 1) {
+        j = run_first >= 0 && run_first + r < s.sk ? run_first + r : -1;
+      } else if (in_list) {
         j = base + r < list_n ? list[base + r] : -1;
         if (j >= s.sk) j = -1;
       } else {

@@ -45,6 +45,10 @@ typedef struct {
   int32_t is_bf16;
   float scale_log2;  // softmax scale * log2(e)
   int32_t total_q, total_k;  // rows of the q / k tensors (varlen: packed totals; dense: seqlen_q / seqlen_k)
+  // Index-list run length: 0 or 1 = every entry is one key position; R > 1 (a multiple of 64) = every entry is the
+  // first position of R consecutive keys (block-sparse lists without expanding them to tokens).
+  int32_t kv_index_run;
+  int32_t pad1;
 } SkFmhaParams;
 
 // Returns 0 (cudaSuccess) or a cudaError_t / negative sparsek error code; never aborts.
