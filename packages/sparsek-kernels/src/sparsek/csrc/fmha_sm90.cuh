@@ -127,7 +127,7 @@ struct WorkTile {
 // causal problems visit each head's heaviest (last) query blocks first.
 template <int kBM, int kBN>
 __device__ __forceinline__ WorkTile work_tile(const SkFmhaParams& p, int item, int num_m) {
-  WorkTile w;
+  WorkTile w{};  // the current work tile (assigned per item; the lambdas below read it)
   const int m_idx = item % num_m, rem = item / num_m;
   w.h = rem % p.heads_q;
   w.b = rem / p.heads_q;
@@ -243,7 +243,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   float row_max[2], row_sum[2];  // row max in log2 units (scaled)
   int qpos[2];
   int kv_base = 0;  // K/V tiles consumed by this CTA before the current work item
-  WorkTile w;
+  WorkTile w{};  // the current work tile (assigned per item; the lambdas below read it)
 
   // Software pipeline (FA3's intra-warpgroup overlap): while the tensor cores run O += P_{j-1} V_{j-1}, this warpgroup
   // computes the softmax of S_j. Empty barriers are per operand, so K_j's slot is released as soon as S_j is done.
