@@ -19,6 +19,7 @@ from pathlib import Path
 import sparsek
 import torch
 import torch.nn.functional as F
+from sparsek.testing import cuda_graph_time_us
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 SHAPES = [  # dtype, B, H, S, D, causal  (the anchor shapes of docs/benchmarks.md)
@@ -37,31 +38,6 @@ SHAPES = [  # dtype, B, H, S, D, causal  (the anchor shapes of docs/benchmarks.m
     ("bf16", 1, 32, 16384, 128, True),
 ]
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def graph_time_us(fn, calls: int = 20, replays: int = 30) -> float:
-    """Median kernel time per call from CUDA-graph replays."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1000 / calls)
-    return statistics.median(times)
 
 
 def eager_time_us(fn, iters: int = 200) -> float:
@@ -137,7 +113,7 @@ def main() -> None:
                 if bname == "sparsek":
                     out = out.transpose(1, 2)
                 err = ((out.float() - ref).norm() / ref.norm()).item()
-                us = graph_time_us(fn)
+                us = cuda_graph_time_us(fn)
                 eager = eager_time_us(fn) if s <= 512 else float("nan")
             except Exception as e:  # a backend that cannot run this shape
                 print(f"{bname} failed on {name} {b},{h},{s},{d} causal={causal}: {type(e).__name__}: {e}")

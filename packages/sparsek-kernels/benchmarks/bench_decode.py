@@ -16,40 +16,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import statistics
 from pathlib import Path
 
 import sparsek.paged  # noqa: F401  (registers torch.ops.sparsek.paged_attention_out)
 import torch
 import torch.nn.functional as F
-from sparsek.testing import rel_error
+from sparsek.testing import cuda_graph_time_us, rel_error
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def graph_time_us(fn, calls: int, replays: int) -> float:
-    """Median kernel time per call (microseconds) from CUDA-event timed CUDA-graph replays of ``calls`` calls."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1000.0 / calls)
-    return statistics.median(times)
 
 
 def make_case(batch: int, context: int, hq: int, hk: int, d: int, block_size: int, dtype: torch.dtype, seed: int = 0):
@@ -125,10 +99,10 @@ def main() -> None:
                         q, kc, vc, bt, cu, seq_lens, 2, context, scale, -1, 0, 0, out, lse
                     )
 
-                t_dec = graph_time_us(decode, args.calls, args.replays)
+                t_dec = cuda_graph_time_us(decode, args.calls, args.replays)
                 decode()
                 ours = out.clone()
-                t_fmha = graph_time_us(fmha, args.calls, args.replays)
+                t_fmha = cuda_graph_time_us(fmha, args.calls, args.replays)
                 t_sdpa = err = None
                 if not args.no_sdpa and 2 * kv_bytes / 2**30 <= args.max_gb:
                     k, v = gather_dense(kc, vc, bt, context)
@@ -137,7 +111,7 @@ def main() -> None:
                     def sdpa(qd=qd, k=k, v=v):
                         return F.scaled_dot_product_attention(qd, k, v, scale=scale, enable_gqa=hq != hk)
 
-                    t_sdpa = graph_time_us(sdpa, args.calls, args.replays)
+                    t_sdpa = cuda_graph_time_us(sdpa, args.calls, args.replays)
                     err = rel_error(ours, sdpa().squeeze(2))
                     del k, v
                 gbps = kv_bytes / (t_dec * 1e-6) / 1e9

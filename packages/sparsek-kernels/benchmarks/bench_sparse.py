@@ -22,28 +22,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
-import statistics
 from pathlib import Path
 
 import sparsek
 import torch
 from sparsek import sparse
-
-
-def cuda_time_us(fn, warmup: int, iters: int) -> float:
-    """Median time of ``fn()`` in microseconds (CUDA events)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
+from sparsek.testing import cuda_event_time_us
 
 
 def fits(nbytes: float, frac: float = 0.6) -> bool:
@@ -63,7 +47,7 @@ class Runner:
 
     def time(self, fn) -> float | None:
         try:
-            return cuda_time_us(fn, self.args.warmup, self.args.iters)
+            return cuda_event_time_us(fn, self.args.iters, self.args.warmup)
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
             return None

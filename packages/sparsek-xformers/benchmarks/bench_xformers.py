@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import platform
 import random
-import statistics
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from sparsek.testing import cuda_event_time_us
 
 
 @dataclass
@@ -83,22 +82,6 @@ def build_cases(dtype: torch.dtype, seed: int = 0) -> list[Case]:
     return cases
 
 
-def time_us(fn: Callable[[], Any], iters: int, warmup: int) -> float:
-    """Median wall time of ``fn`` on the current stream, in microseconds (CUDA events)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000.0)
-    return statistics.median(times)
-
-
 def _enable_pytorch_backed_xformers_ops() -> str | None:
     """xFormers wheels built for another torch cannot load their C++ extension, and then refuse CUDA in every op,
     although 0.0.35's cutlass/flash ops run on PyTorch's own kernels. Let those ops be considered again."""
@@ -142,12 +125,12 @@ def main(argv: list[str] | None = None) -> int:
             return xops.memory_efficient_attention(case.q, case.k, case.v, case.bias)
 
         with torch.inference_mode():
-            t_sk = time_us(run_sparsek, args.iters, args.warmup)
+            t_sk = cuda_event_time_us(run_sparsek, args.iters, args.warmup)
             op_name = None
             try:
                 inp = Inputs(case.q, case.k, case.v, case.bias)
                 op_name = fmha._dispatch_fw(inp, False).NAME
-                t_xf = time_us(run_xformers, args.iters, args.warmup)
+                t_xf = cuda_event_time_us(run_xformers, args.iters, args.warmup)
                 xf, speedup = f"{t_xf:.1f}", f"{t_xf / t_sk:.2f}x"
                 err = f"{rel_error(run_sparsek(), run_xformers()):.1e}"
             except Exception as e:  # no (working) xFormers operator for these inputs here
