@@ -308,22 +308,7 @@ def _index_attn_cpu(q, k, v, kv_indices, kv_counts, ibq, scale, wl, wr, return_l
 
 @torch.library.impl(_FRAG, "index_attn_fwd", "CUDA")
 def _index_attn_cuda(q, k, v, kv_indices, kv_counts, ibq, scale, wl, wr, return_lse):
-    try:
-        _lib.load(q.device)
-    except _lib.KernelUnavailable:
-        if not _lib.fallback_allowed():
-            raise
-        return _index_attn_reference(q, k, v, kv_indices, kv_counts, ibq, scale, wl, wr, return_lse)
-    out, lse = _attn_alloc(q, return_lse)
-    if q.numel() == 0:
-        return out, lse
-    _lib.fmha_fwd(
-        q, k, v, out, lse if return_lse else None,
-        cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, block_table=None,
-        max_seqlen_q=q.shape[1], max_seqlen_k=k.shape[1], scale=scale, window_left=wl, window_right=wr,
-        kv_indices=kv_indices.contiguous(), kv_counts=kv_counts.contiguous(), index_block_q=ibq,
-    )  # fmt: skip
-    return out, lse
+    return _index_fmha_cuda(q, k, v, kv_indices, kv_counts, ibq, 1, scale, wl, wr, return_lse)
 
 
 @torch.library.register_fake("sparsek::index_attn_fwd")
@@ -348,12 +333,20 @@ def _block_attn_cpu(q, k, v, kv_starts, kv_counts, ibq, run, scale, wl, wr, retu
 
 @torch.library.impl(_FRAG, "block_attn_fwd", "CUDA")
 def _block_attn_cuda(q, k, v, kv_starts, kv_counts, ibq, run, scale, wl, wr, return_lse):
+    return _index_fmha_cuda(q, k, v, kv_starts, kv_counts, ibq, run, scale, wl, wr, return_lse)
+
+
+def _index_fmha_cuda(q, k, v, lists, counts, ibq, run, scale, wl, wr, return_lse):
+    """Both index ops on CUDA: the FMHA kernel's index-list mode (``run`` keys per entry), or the reference when the
+    kernels cannot be built and ``SPARSEK_ALLOW_FALLBACK=1``."""
     try:
         _lib.load(q.device)
     except _lib.KernelUnavailable:
         if not _lib.fallback_allowed():
             raise
-        return _block_attn_cpu(q, k, v, kv_starts, kv_counts, ibq, run, scale, wl, wr, return_lse)
+        if run == 1:
+            return _index_attn_reference(q, k, v, lists, counts, ibq, scale, wl, wr, return_lse)
+        return _block_attn_cpu(q, k, v, lists, counts, ibq, run, scale, wl, wr, return_lse)
     out, lse = _attn_alloc(q, return_lse)
     if q.numel() == 0:
         return out, lse
@@ -361,7 +354,7 @@ def _block_attn_cuda(q, k, v, kv_starts, kv_counts, ibq, run, scale, wl, wr, ret
         q, k, v, out, lse if return_lse else None,
         cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, block_table=None,
         max_seqlen_q=q.shape[1], max_seqlen_k=k.shape[1], scale=scale, window_left=wl, window_right=wr,
-        kv_indices=kv_starts.contiguous(), kv_counts=kv_counts.contiguous(), index_block_q=ibq, kv_index_run=run,
+        kv_indices=lists.contiguous(), kv_counts=counts.contiguous(), index_block_q=ibq, kv_index_run=run,
     )  # fmt: skip
     return out, lse
 
