@@ -85,8 +85,11 @@ def check_layout(layout: str) -> str:
     return layout
 
 
-def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device: torch.device) -> None:
-    """cu_seqlens: int32, 1-D, on the same device, starts at 0, non-decreasing, ends at ``total``."""
+def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device: torch.device) -> int:
+    """cu_seqlens: int32, 1-D, on the same device, starts at 0, non-decreasing, ends at ``total``.
+
+    Returns the longest sequence length (read from the same host copy, so one device sync in all).
+    """
     check_tensor(name, cu, 1)
     if cu.dtype != torch.int32:
         raise TypeError(f"{name} must be int32, got {cu.dtype}")
@@ -101,3 +104,4 @@ def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device: torch.devi
         raise ValueError(f"{name} must be non-decreasing, got {host.tolist()}")
     if int(host[-1]) != total:
         raise ValueError(f"{name}[-1] must equal the packed length {total}, got {int(host[-1])}")
+    return int((host[1:] - host[:-1]).max()) if host.numel() > 1 else 0

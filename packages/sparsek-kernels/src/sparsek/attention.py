@@ -131,10 +131,8 @@ def varlen_attention(
         if int(n) < 0:
             raise ValueError(f"{name} must be >= 0, got {n}")
     if not _capturing_or_compiling():
-        check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
-        check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
-        lens_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item() if cu_seqlens_q.numel() > 1 else 0
-        lens_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max().item() if cu_seqlens_k.numel() > 1 else 0
+        lens_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
+        lens_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
         if lens_q > max_seqlen_q or lens_k > max_seqlen_k:
             raise ValueError(
                 f"max_seqlen_q/max_seqlen_k ({max_seqlen_q}, {max_seqlen_k}) are smaller than the longest "
