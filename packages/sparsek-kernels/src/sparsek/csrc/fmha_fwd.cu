@@ -121,9 +121,9 @@ static bool sm90_disabled() {
 
 // Launches the wgmma kernel when the call qualifies (Hopper, dense or varlen, 16-byte aligned strides); returns
 // false (and launches nothing) otherwise so the caller uses the portable kernel.
-template <int kD, int kBN, int kStages, typename T, int kSched>
+template <int kD, int kBN, int kStages, typename T, int kSched, bool kIndex = false>
 static bool try_launch_sm90(const SkFmhaParams& p, cudaStream_t stream, cudaError_t* err) {
-  using Tr = sm90::Sm90Traits<kD, kBN, kStages, T, kSched>;
+  using Tr = sm90::Sm90Traits<kD, kBN, kStages, T, kSched, kIndex>;
   const bool varlen_q = p.cu_seqlens_q != nullptr, varlen_k = p.cu_seqlens_k != nullptr;
   const bool bf16 = p.is_bf16 != 0;
   sm90::TmaParams tma;
@@ -145,9 +145,9 @@ static bool try_launch_sm90(const SkFmhaParams& p, cudaStream_t stream, cudaErro
     return true;
   }
   // Persistent grid (one CTA per SM, each looping over work tiles) when every tile costs the same; with a causal
-  // band the costs differ, and one CTA per tile lets the hardware balance them (heaviest tiles are issued first).
+  // band or index lists the costs differ, and one CTA per tile lets the hardware balance them.
   const long items = (long)((p.seqlen_q + Tr::kBM - 1) / Tr::kBM) * p.heads_q * p.batch;
-  const bool balanced = !(p.window_right >= 0 && p.window_left < 0);
+  const bool balanced = !(p.window_right >= 0 && p.window_left < 0) && !kIndex;
   const int grid = (int)((items < num_sms() || !balanced) ? items : num_sms());
   if (grid == 0) {
     *err = cudaSuccess;
@@ -160,8 +160,17 @@ static bool try_launch_sm90(const SkFmhaParams& p, cudaStream_t stream, cudaErro
 
 template <typename T>
 static bool dispatch_sm90(const SkFmhaParams& p, cudaStream_t stream, cudaError_t* err) {
-  if (device_major() != 9 || sm90_disabled() || p.block_table || p.kv_indices || p.seqused_k) return false;
+  if (device_major() != 9 || sm90_disabled() || p.block_table || p.seqused_k) return false;
   if ((p.cu_seqlens_q == nullptr) != (p.cu_seqlens_k == nullptr)) return false;
+  if (p.kv_indices) {
+    // Index lists: one list per 128-row query tile, runs of whole 128-key tiles, dense (not varlen) inputs.
+    if (p.index_block_q != 128 || (p.kv_index_run > 1 && p.kv_index_run % 128 != 0) || p.cu_seqlens_q) return false;
+    switch (p.head_dim) {
+      case 64: return try_launch_sm90<64, 128, 4, T, 3, true>(p, stream, err);
+      case 128: return try_launch_sm90<128, 128, 2, T, 3, true>(p, stream, err);
+      default: return false;
+    }
+  }
   switch (p.head_dim * 10 + sm90_schedule()) {
     case 640: return try_launch_sm90<64, 128, 4, T, 0>(p, stream, err);
     case 641: return try_launch_sm90<64, 128, 4, T, 1>(p, stream, err);

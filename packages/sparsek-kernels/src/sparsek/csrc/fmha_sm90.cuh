@@ -5,6 +5,11 @@
 // Warpgroups 1 and 2 are consumers (setmaxnreg.inc), each owning 64 query rows: S = Q K^T with both operands in shared
 // memory (wgmma, 128-byte swizzle as written by TMA), online softmax on the accumulators, then O += P V with P from
 // registers and V in shared memory (transpose-B). Only compiled for sm_90a; dense and varlen, any causal/window band.
+//
+// Index-list (sparse) mode (kIndex): a 128-row query block also attends the keys of its list. Runs of 128 keys
+// (block-sparse lists) and the band arrive by TMA; token lists are gathered by all 128 producer threads (one key row
+// each) with cp.async into the same 128-byte-swizzled layout, completing on the same mbarriers. The key position of
+// every tile row is published in shared memory with the V tile for the consumers' mask.
 #pragma once
 
 #include <cuda.h>
@@ -38,6 +43,14 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, int parity) {
       "@!done bra WAIT_%=;\n}\n" ::"r"(smem_u32(bar)),
       "r"(parity));
 }
+
+// Arrives on `bar` once all of this thread's earlier cp.async copies have landed (the pending count is raised first,
+// so the thread still arrives normally as well).
+__device__ __forceinline__ void cp_async_mbar_arrive(uint64_t* bar) {
+  asm volatile("cp.async.mbarrier.arrive.shared::cta.b64 [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+}
+// Orders generic-proxy shared-memory writes (cp.async) before the async proxy (wgmma) reads them.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 __device__ __forceinline__ void tma_load_4d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1, int c2,
                                             int c3) {
@@ -98,28 +111,48 @@ __device__ __forceinline__ void issue_pv(float* acc_o, const uint32_t (*pa)[4], 
   wgmma_commit();
 }
 
+// Index-list mode: thread `row` of the producer warpgroup copies key row j (j < 0: zeros) into row `row` of a
+// [kBlocksD][kBN][64] tile with the 128-byte swizzle TMA uses (16-byte chunk c of row r at c ^ (r % 8)).
+template <int kD, int kBN, typename T>
+__device__ __forceinline__ void gather_row(T* tile, const T* base, int64_t row_stride, int row, int j) {
+  const T* src = j >= 0 ? base + (int64_t)j * row_stride : base;
+  const uint32_t dst = smem_u32(tile) + row * 128;
+#pragma unroll
+  for (int ch = 0; ch < kD / 8; ++ch) {
+    const int c = ch / 8, cc = ch % 8;
+    cp_async_16(dst + c * kBN * 128 + ((cc ^ (row & 7)) << 4), src + ch * 8, j >= 0 ? 16 : 0);
+  }
+}
+
 struct TmaParams {
   CUtensorMap q, k, v;
 };
 
 // kSched bit 0: software-pipelined consumer (softmax of S_j overlaps P_{j-1} V_{j-1});
 // kSched bit 1: ping-pong between the two consumer warpgroups (named barriers order their GEMM issue).
-template <int kD_, int kBN_, int kStages_, typename T_, int kSched_ = 1>
+// kIndex_: index-list (sparse) mode.
+template <int kD_, int kBN_, int kStages_, typename T_, int kSched_ = 1, bool kIndex_ = false>
 struct Sm90Traits {
   using T = T_;
   static constexpr int kD = kD_, kBN = kBN_, kStages = kStages_, kSched = kSched_;
+  static constexpr bool kIndex = kIndex_;
   static constexpr bool kPipeline = kSched & 1, kPingPong = kSched & 2;
   static constexpr int kBM = 128;  // two consumer warpgroups of 64 rows
   static constexpr int kThreads = 384;
   static constexpr int kBlocksD = kD / 64;  // 64-column (128-byte) swizzle blocks per row
   static constexpr int kQBytes = kBM * kD * 2;
   static constexpr int kKVBytes = kBN * kD * 2;  // one K (or V) tile
-  static constexpr int kSmemBytes = 1024 /*alignment slack*/ + kQBytes + 2 * kStages * kKVBytes + 256 /*barriers*/;
+  static constexpr int kPosBytes = kIndex ? kStages * kBN * 4 : 0;  // key position of every K/V tile row
+  static constexpr int kSmemBytes =
+      1024 /*alignment slack*/ + kQBytes + 2 * kStages * kKVBytes + 256 /*barriers*/ + kPosBytes;
 };
 
 // One unit of work of the persistent kernel: a 128-row query block of one (sequence, head).
+// In index-list mode the first n_list tiles come from the list, the rest from the band [lo, hi).
 struct WorkTile {
   int b, h, m0, q_start, sq, k_start, sk, off, pos_min, pos_max, lo, hi, n_tiles;
+  const int32_t* list;
+  int list_n, n_list;
   bool valid;
 };
 
@@ -150,9 +183,21 @@ __device__ __forceinline__ WorkTile work_tile(const SkFmhaParams& p, int item, i
   int hi = p.window_right >= 0 ? min(w.sk, w.pos_max + p.window_right + 1) : w.sk;
   lo = (lo / kBN) * kBN;
   if (hi < lo) hi = lo;
+  w.list = nullptr;
+  w.list_n = w.n_list = 0;
+  if (p.kv_indices) {
+    if (p.window_left < 0) lo = hi = 0;  // no band: only the listed keys
+    if (w.valid) {
+      const int hk = w.h / (p.heads_q / p.heads_kv), ib = w.m0 / p.index_block_q;
+      w.list = p.kv_indices + w.b * p.kv_indices_batch_stride + hk * p.kv_indices_head_stride +
+               ib * p.kv_indices_block_stride;
+      w.list_n = p.kv_counts[w.b * p.kv_counts_batch_stride + hk * p.kv_counts_head_stride + ib];
+      w.n_list = p.kv_index_run > 1 ? w.list_n * (p.kv_index_run / kBN) : (w.list_n + kBN - 1) / kBN;
+    }
+  }
   w.lo = lo;
   w.hi = hi;
-  w.n_tiles = w.valid ? (hi - lo + kBN - 1) / kBN : 0;
+  w.n_tiles = w.valid ? w.n_list + (hi - lo + kBN - 1) / kBN : 0;
   return w;
 }
 
@@ -182,13 +227,16 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const int num_m = (p.seqlen_q + kBM - 1) / kBM;
   const int num_items = num_m * p.heads_q * p.batch;
   uint64_t* q_empty = v_empty + kStages;
+  int* sPos = reinterpret_cast<int*>(base + Tr::kQBytes + 2 * kStages * Tr::kKVBytes + 256);  // [kStages][kBN]
+  // Index mode: all 128 producer threads arrive on the K/V "full" barriers (TMA tiles: thread 0 with the byte count).
+  constexpr int kFullCount = Tr::kIndex ? 128 : 1;
 
   if (tid == 0) {
     mbar_init(q_full, 1);
     mbar_init(q_empty, 256);
     for (int s = 0; s < kStages; ++s) {
-      mbar_init(&k_full[s], 1);
-      mbar_init(&v_full[s], 1);
+      mbar_init(&k_full[s], kFullCount);
+      mbar_init(&v_full[s], kFullCount);
       mbar_init(&k_empty[s], 256);
       mbar_init(&v_empty[s], 256);
     }
@@ -198,7 +246,77 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 
   if (wg == 0) {  // ---------------------------------------------------------------- producer
     setmaxnreg_dec<40>();
-    if (tid == 0) {
+    if constexpr (Tr::kIndex) {
+      static_assert(kBN == 128, "index mode: one producer thread per key row");
+      const int run = p.kv_index_run > 1 ? p.kv_index_run : 1;
+      int kv_iter = 0, n_items = 0;
+      for (int item = blockIdx.x; item < num_items; item += gridDim.x) {
+        const WorkTile w = work_tile<kBM, kBN>(p, item, num_m);
+        if (!w.valid) continue;
+        const int hk = w.h / group;
+        if (tid == 0) {
+          if (n_items > 0) mbar_wait(q_empty, (n_items - 1) & 1);
+          mbar_expect_tx(q_full, Tr::kQBytes);
+          for (int c = 0; c < kBlocksD; ++c) tma_load_4d(sQ + c * kBM * 64, &tma.q, q_full, c * 64, w.m0, w.h, w.b);
+        }
+        const T* kbase = reinterpret_cast<const T*>(p.k) + w.b * p.k_batch_stride + hk * p.k_head_stride;
+        const T* vbase = reinterpret_cast<const T*>(p.v) + w.b * p.v_batch_stride + hk * p.v_head_stride;
+        for (int tile = 0; tile < w.n_tiles; ++tile, ++kv_iter) {
+          const int stage = kv_iter % kStages;
+          const int empty_phase = ((kv_iter / kStages) - 1) & 1;
+          int j, tma_row = -1;  // this thread's key position; first row of a TMA tile (-1: gathered tile)
+          if (tile < w.n_list) {
+            if (run > 1) {
+              const int e = tile * kBN;  // offset into the concatenated runs
+              const int start = __ldg(w.list + e / run);
+              const int first = start >= 0 ? start + e % run : -1;
+              tma_row = first >= 0 ? first : 0;
+              j = first >= 0 && first + tid < w.sk ? first + tid : -1;
+            } else {
+              const int e = tile * kBN + tid;
+              j = e < w.list_n ? __ldg(w.list + e) : -1;
+              if (j >= w.sk) j = -1;
+            }
+          } else {
+            const int n0 = w.lo + (tile - w.n_list) * kBN;
+            tma_row = n0;
+            j = n0 + tid < w.hi ? n0 + tid : -1;
+          }
+          T* dK = sK + stage * (Tr::kKVBytes / 2);
+          T* dV = sV + stage * (Tr::kKVBytes / 2);
+          if (kv_iter >= kStages) mbar_wait(&k_empty[stage], empty_phase);
+          if (tma_row >= 0) {
+            if (tid == 0) {
+              mbar_expect_tx(&k_full[stage], Tr::kKVBytes);
+              for (int c = 0; c < kBlocksD; ++c)
+                tma_load_4d(dK + c * kBN * 64, &tma.k, &k_full[stage], c * 64, tma_row, hk, w.b);
+            } else {
+              mbar_arrive(&k_full[stage]);
+            }
+          } else {
+            gather_row<kD, kBN>(dK, kbase, p.k_row_stride, tid, j);
+            cp_async_mbar_arrive(&k_full[stage]);
+            mbar_arrive(&k_full[stage]);
+          }
+          if (kv_iter >= kStages) mbar_wait(&v_empty[stage], empty_phase);
+          sPos[stage * kBN + tid] = j;  // published by the V barrier (consumers read it after waiting on V)
+          if (tma_row >= 0) {
+            if (tid == 0) {
+              mbar_expect_tx(&v_full[stage], Tr::kKVBytes);
+              for (int c = 0; c < kBlocksD; ++c)
+                tma_load_4d(dV + c * kBN * 64, &tma.v, &v_full[stage], c * 64, tma_row, hk, w.b);
+            } else {
+              mbar_arrive(&v_full[stage]);
+            }
+          } else {
+            gather_row<kD, kBN>(dV, vbase, p.v_row_stride, tid, j);
+            cp_async_mbar_arrive(&v_full[stage]);
+            mbar_arrive(&v_full[stage]);
+          }
+        }
+        ++n_items;
+      }
+    } else if (tid == 0) {
       int kv_iter = 0, n_items = 0;  // K/V tiles and work items loaded so far by this CTA
       for (int item = blockIdx.x; item < num_items; item += gridDim.x) {
         const WorkTile w = work_tile<kBM, kBN>(p, item, num_m);
@@ -253,6 +371,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     const int stage = it % kStages;
     const T* cK = sK + stage * (Tr::kKVBytes / 2);
     mbar_wait(&k_full[stage], (it / kStages) & 1);
+    if constexpr (Tr::kIndex) fence_proxy_async();  // the tile may have been written by cp.async
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk) {
@@ -267,13 +386,32 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     const int it = kv_base + tile;
     const int stage = it % kStages;
     mbar_wait(&v_full[stage], (it / kStages) & 1);
+    if constexpr (Tr::kIndex) fence_proxy_async();
     issue_pv<Tr>(acc_o, pa, sV + stage * (Tr::kKVBytes / 2));
   };
   // Mask (tile-level test first) and online softmax of acc_s in log2 units; returns the O rescale factors.
   auto softmax = [&](int tile, float* corr) {
-    const int n0 = w.lo + tile * kBN;
-    const bool need_mask = n0 + kBN > w.hi || (p.window_right >= 0 && n0 + kBN - 1 > w.pos_min + p.window_right) ||
-                           (p.window_left >= 0 && n0 < w.pos_max - p.window_left);
+    const bool listed = Tr::kIndex && tile < w.n_list;
+    const int n0 = w.lo + (tile - w.n_list) * kBN;
+    if (listed) {  // listed keys: positions from the producer, masked only by j <= pos + window_right
+      const int it = kv_base + tile;
+      const int stage = it % kStages;
+      mbar_wait(&v_full[stage], (it / kStages) & 1);
+      const int* pos = sPos + stage * kBN;
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt) {
+        const int2 jj = *reinterpret_cast<const int2*>(pos + nt * 8 + 2 * t4);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int j = (e & 1) ? jj.y : jj.x;
+          const bool ok = j >= 0 && (p.window_right < 0 || j <= qpos[e >> 1] + p.window_right);
+          if (!ok) acc_s[nt * 4 + e] = -INFINITY;
+        }
+      }
+    }
+    const bool need_mask = !listed && (n0 + kBN > w.hi ||
+                                       (p.window_right >= 0 && n0 + kBN - 1 > w.pos_min + p.window_right) ||
+                                       (p.window_left >= 0 && n0 < w.pos_max - p.window_left));
     if (need_mask) {
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt) {
