@@ -187,10 +187,14 @@ class Runner:
         param = f"{density:.0%}"
         dense = self.dense(q, k, v, s)
         self.add("block-sparse", s, param, "dense SDPA cuDNN (causal)", dense["cudnn"], s * (s + 1) / 2, dense["cudnn"])
+        starts = (blocks * bs).contiguous()
+        counts = torch.full((b, h, nb), keep, dtype=torch.int32, device="cuda")
+        t_r = self.time(lambda: torch.ops.sparsek.block_attn_fwd(q, k, v, starts, counts, bs, bs, d**-0.5, -1, -1, False))
+        self.add("block-sparse", s, param, "sparsek kernel (block runs)", t_r, pairs, dense["cudnn"])
         tokens = sparse._expand_blocks(blocks, bs, s)
         fidx, cnt, ibq = sparse._shared_to_fmha(tokens, bs, 0, s, s)
         t_k = self.time(lambda: torch.ops.sparsek.index_attn_fwd(q, k, v, fidx, cnt, ibq, d**-0.5, -1, -1, False))
-        self.add("block-sparse", s, param, "sparsek kernel (FMHA index)", t_k, pairs, dense["cudnn"])
+        self.add("block-sparse", s, param, "sparsek kernel (token lists)", t_k, pairs, dense["cudnn"])
         t_c = self.time(lambda: sparse.block_sparse_attention(q, k, v, blocks, bs, validate=False))
         self.add("block-sparse", s, param, "sparsek block_sparse_attention (call)", t_c, pairs, dense["cudnn"])
         if not a.no_flex:

@@ -114,6 +114,25 @@ static int sm90_schedule() {
   return v;
 }
 
+// SPARSEK_SM90_INDEX_STAGES=2|3: K/V ring depth of the head-dim-128 index-list kernel (default 2).
+static int sm90_index_stages() {
+  static const int v = [] {
+    const char* e = std::getenv("SPARSEK_SM90_INDEX_STAGES");
+    return e && std::atoi(e) == 3 ? 3 : 2;
+  }();
+  return v;
+}
+
+// SPARSEK_SM90_INDEX_PERSISTENT=0|1 forces index-list launches to one CTA per query tile (0) or a persistent grid (1);
+// unset: persistent for block runs (equal-cost tiles; measured faster), one CTA per tile for token lists.
+static bool sm90_index_persistent(const SkFmhaParams& p) {
+  static const int v = [] {
+    const char* e = std::getenv("SPARSEK_SM90_INDEX_PERSISTENT");
+    return e ? (std::atoi(e) != 0 ? 1 : 0) : -1;
+  }();
+  return v < 0 ? p.kv_index_run > 1 : v == 1;
+}
+
 static bool sm90_disabled() {
   static const bool v = std::getenv("SPARSEK_DISABLE_SM90") != nullptr;
   return v;
@@ -147,7 +166,7 @@ static bool try_launch_sm90(const SkFmhaParams& p, cudaStream_t stream, cudaErro
   // Persistent grid (one CTA per SM, each looping over work tiles) when every tile costs the same; with a causal
   // band or index lists the costs differ, and one CTA per tile lets the hardware balance them.
   const long items = (long)((p.seqlen_q + Tr::kBM - 1) / Tr::kBM) * p.heads_q * p.batch;
-  const bool balanced = !(p.window_right >= 0 && p.window_left < 0) && !kIndex;
+  const bool balanced = kIndex ? sm90_index_persistent(p) : !(p.window_right >= 0 && p.window_left < 0);
   const int grid = (int)((items < num_sms() || !balanced) ? items : num_sms());
   if (grid == 0) {
     *err = cudaSuccess;
@@ -167,7 +186,8 @@ static bool dispatch_sm90(const SkFmhaParams& p, cudaStream_t stream, cudaError_
     if (p.index_block_q != 128 || (p.kv_index_run > 1 && p.kv_index_run % 128 != 0) || p.cu_seqlens_q) return false;
     switch (p.head_dim) {
       case 64: return try_launch_sm90<64, 128, 4, T, 3, true>(p, stream, err);
-      case 128: return try_launch_sm90<128, 128, 2, T, 3, true>(p, stream, err);
+      case 128: return sm90_index_stages() == 2 ? try_launch_sm90<128, 128, 2, T, 3, true>(p, stream, err)
+                                                 : try_launch_sm90<128, 128, 3, T, 3, true>(p, stream, err);
       default: return false;
     }
   }

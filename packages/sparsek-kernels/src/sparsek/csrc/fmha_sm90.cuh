@@ -7,8 +7,8 @@
 // registers and V in shared memory (transpose-B). Only compiled for sm_90a; dense and varlen, any causal/window band.
 //
 // Index-list (sparse) mode (kIndex): a 128-row query block also attends the keys of its list. Runs of 128 keys
-// (block-sparse lists) and the band arrive by TMA; token lists are gathered by all 128 producer threads (one key row
-// each) with cp.async into the same 128-byte-swizzled layout, completing on the same mbarriers. The key position of
+// (block-sparse lists) and the band arrive by TMA; token lists are gathered by the 4 producer warps (32 key rows each,
+// whole rows per request) with cp.async into the same 128-byte-swizzled layout, completing on the same mbarriers. The key position of
 // every tile row is published in shared memory with the V tile for the consumers' mask.
 #pragma once
 
@@ -111,16 +111,22 @@ __device__ __forceinline__ void issue_pv(float* acc_o, const uint32_t (*pa)[4], 
   wgmma_commit();
 }
 
-// Index-list mode: thread `row` of the producer warpgroup copies key row j (j < 0: zeros) into row `row` of a
-// [kBlocksD][kBN][64] tile with the 128-byte swizzle TMA uses (16-byte chunk c of row r at c ^ (r % 8)).
+// Index-list mode: producer warp `warp` copies key rows j (j < 0: zeros) into rows [32 warp, 32 warp + 32) of a
+// [kBlocksD][kBN][64] tile with the 128-byte swizzle TMA uses (16-byte chunk c of row r at c ^ (r % 8)). `j_mine` is
+// the key of row 32 warp + lane; each step copies whole rows with consecutive lanes on consecutive 16-byte chunks, so
+// every request reads full 32-byte sectors.
 template <int kD, int kBN, typename T>
-__device__ __forceinline__ void gather_row(T* tile, const T* base, int64_t row_stride, int row, int j) {
-  const T* src = j >= 0 ? base + (int64_t)j * row_stride : base;
-  const uint32_t dst = smem_u32(tile) + row * 128;
-#pragma unroll
-  for (int ch = 0; ch < kD / 8; ++ch) {
-    const int c = ch / 8, cc = ch % 8;
-    cp_async_16(dst + c * kBN * 128 + ((cc ^ (row & 7)) << 4), src + ch * 8, j >= 0 ? 16 : 0);
+__device__ __forceinline__ void gather_rows(T* tile, const T* base, int64_t row_stride, int warp, int lane, int j_mine) {
+  constexpr int kChunks = kD / 8, kRowsPerStep = 32 / kChunks;
+  const int ch = lane % kChunks;
+  const uint32_t dst0 = smem_u32(tile) + (ch / 8) * kBN * 128;
+#pragma unroll 1  // unrolled, the producer's addresses spill at its register budget
+  for (int i = 0; i < kChunks; ++i) {
+    const int rl = i * kRowsPerStep + lane / kChunks;
+    const int j = __shfl_sync(0xffffffff, j_mine, rl);
+    const int r = warp * 32 + rl;
+    const T* src = j >= 0 ? base + (int64_t)j * row_stride + ch * 8 : base;
+    cp_async_16(dst0 + r * 128 + (((ch % 8) ^ (r & 7)) << 4), src, j >= 0 ? 16 : 0);
   }
 }
 
@@ -142,6 +148,8 @@ struct Sm90Traits {
   static constexpr int kBlocksD = kD / 64;  // 64-column (128-byte) swizzle blocks per row
   static constexpr int kQBytes = kBM * kD * 2;
   static constexpr int kKVBytes = kBN * kD * 2;  // one K (or V) tile
+  // Register split (setmaxnreg): index mode gives the producer more for its gathers (128*56 + 256*224 <= 64K).
+  static constexpr int kProducerRegs = kIndex ? 56 : 40, kConsumerRegs = kIndex ? 224 : 232;
   static constexpr int kPosBytes = kIndex ? kStages * kBN * 4 : 0;  // key position of every K/V tile row
   static constexpr int kSmemBytes =
       1024 /*alignment slack*/ + kQBytes + 2 * kStages * kKVBytes + 256 /*barriers*/ + kPosBytes;
@@ -245,7 +253,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   __syncthreads();
 
   if (wg == 0) {  // ---------------------------------------------------------------- producer
-    setmaxnreg_dec<40>();
+    setmaxnreg_dec<Tr::kProducerRegs>();
     if constexpr (Tr::kIndex) {
       static_assert(kBN == 128, "index mode: one producer thread per key row");
       const int run = p.kv_index_run > 1 ? p.kv_index_run : 1;
@@ -294,7 +302,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
               mbar_arrive(&k_full[stage]);
             }
           } else {
-            gather_row<kD, kBN>(dK, kbase, p.k_row_stride, tid, j);
+            gather_rows<kD, kBN>(dK, kbase, p.k_row_stride, tid / 32, tid % 32, j);
             cp_async_mbar_arrive(&k_full[stage]);
             mbar_arrive(&k_full[stage]);
           }
@@ -309,7 +317,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
               mbar_arrive(&v_full[stage]);
             }
           } else {
-            gather_row<kD, kBN>(dV, vbase, p.v_row_stride, tid, j);
+            gather_rows<kD, kBN>(dV, vbase, p.v_row_stride, tid / 32, tid % 32, j);
             cp_async_mbar_arrive(&v_full[stage]);
             mbar_arrive(&v_full[stage]);
           }
@@ -349,7 +357,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   }
 
   // ------------------------------------------------------------------------------------ consumers
-  setmaxnreg_inc<232>();
+  setmaxnreg_inc<Tr::kConsumerRegs>();
   const int ctid = tid - 128 * wg;  // thread within the consumer warpgroup
   const int warp = ctid >> 5, lane = ctid & 31, g = lane >> 2, t4 = lane & 3;
   const int wrow = (wg - 1) * 64;  // this warpgroup's first row in the block
