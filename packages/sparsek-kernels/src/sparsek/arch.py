@@ -37,7 +37,8 @@ def target_for_capability(capability: tuple[int, int]) -> KernelChoice:
             "sm90a",
             "hopper-wgmma",
             "Hopper build (sm_90a): wgmma/TMA warp-specialized kernel for dense and varlen attention at head dims "
-            "64/128; mma.sync kernel for head dim 256, paged K/V and sparse index lists",
+            "64/128 and for sparse index lists of 128-query blocks; mma.sync kernel for head dim 256, paged K/V and "
+            "64-query index lists",
         )
     if major == 10:
         return KernelChoice(

@@ -79,7 +79,11 @@ def cmd_info(args: argparse.Namespace) -> int:
             ("paged_attention (prefill)", "portable mma.sync kernel through a block table"),
             ("paged_decode", "split-KV GQA decode kernel"),
             ("reshape_and_cache", "KV-cache write kernel"),
-            ("topk_attention / block_sparse_attention", "mma.sync kernel in index-list mode, or the gather kernel"),
+            (
+                "topk_attention / block_sparse_attention",
+                "FMHA index-list mode (sm90 wgmma kernel for 128-query blocks on Hopper, mma.sync otherwise), "
+                "or the per-query gather kernel",
+            ),
             ("sparsek_select", "radix top-k selection kernel"),
         ):
             print(f"  {op}: {kernel}")

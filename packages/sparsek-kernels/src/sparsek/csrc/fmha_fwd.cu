@@ -123,14 +123,14 @@ static int sm90_index_stages() {
   return v;
 }
 
-// SPARSEK_SM90_INDEX_PERSISTENT=0|1 forces index-list launches to one CTA per query tile (0) or a persistent grid (1);
-// unset: persistent for block runs (equal-cost tiles; measured faster), one CTA per tile for token lists.
-static bool sm90_index_persistent(const SkFmhaParams& p) {
-  static const int v = [] {
+// SPARSEK_SM90_INDEX_PERSISTENT=0 launches index-list problems with one CTA per query tile instead of the persistent
+// grid (measured faster for both block runs and token lists); a benchmarking knob.
+static bool sm90_index_persistent() {
+  static const bool v = [] {
     const char* e = std::getenv("SPARSEK_SM90_INDEX_PERSISTENT");
-    return e ? (std::atoi(e) != 0 ? 1 : 0) : -1;
+    return !(e && std::atoi(e) == 0);
   }();
-  return v < 0 ? p.kv_index_run > 1 : v == 1;
+  return v;
 }
 
 static bool sm90_disabled() {
@@ -166,7 +166,7 @@ static bool try_launch_sm90(const SkFmhaParams& p, cudaStream_t stream, cudaErro
   // Persistent grid (one CTA per SM, each looping over work tiles) when every tile costs the same; with a causal
   // band or index lists the costs differ, and one CTA per tile lets the hardware balance them.
   const long items = (long)((p.seqlen_q + Tr::kBM - 1) / Tr::kBM) * p.heads_q * p.batch;
-  const bool balanced = kIndex ? sm90_index_persistent(p) : !(p.window_right >= 0 && p.window_left < 0);
+  const bool balanced = kIndex ? sm90_index_persistent() : !(p.window_right >= 0 && p.window_left < 0);
   const int grid = (int)((items < num_sms() || !balanced) ? items : num_sms());
   if (grid == 0) {
     *err = cudaSuccess;

@@ -235,6 +235,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const int num_m = (p.seqlen_q + kBM - 1) / kBM;
   const int num_items = num_m * p.heads_q * p.batch;
   uint64_t* q_empty = v_empty + kStages;
+  uint64_t* pos_empty = q_empty + 1;  // index mode: consumers are done reading a stage's key positions
   int* sPos = reinterpret_cast<int*>(base + Tr::kQBytes + 2 * kStages * Tr::kKVBytes + 256);  // [kStages][kBN]
   // Index mode: all 128 producer threads arrive on the K/V "full" barriers (TMA tiles: thread 0 with the byte count).
   constexpr int kFullCount = Tr::kIndex ? 128 : 1;
@@ -247,6 +248,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       mbar_init(&v_full[s], kFullCount);
       mbar_init(&k_empty[s], 256);
       mbar_init(&v_empty[s], 256);
+      mbar_init(&pos_empty[s], 256);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
@@ -292,7 +294,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           }
           T* dK = sK + stage * (Tr::kKVBytes / 2);
           T* dV = sV + stage * (Tr::kKVBytes / 2);
-          if (kv_iter >= kStages) mbar_wait(&k_empty[stage], empty_phase);
+          if (kv_iter >= kStages) {
+            mbar_wait(&k_empty[stage], empty_phase);
+            mbar_wait(&pos_empty[stage], empty_phase);
+          }
+          sPos[stage * kBN + tid] = j;  // published by the K barrier's (release) arrivals
           if (tma_row >= 0) {
             if (tid == 0) {
               mbar_expect_tx(&k_full[stage], Tr::kKVBytes);
@@ -307,7 +313,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
             mbar_arrive(&k_full[stage]);
           }
           if (kv_iter >= kStages) mbar_wait(&v_empty[stage], empty_phase);
-          sPos[stage * kBN + tid] = j;  // published by the V barrier (consumers read it after waiting on V)
           if (tma_row >= 0) {
             if (tid == 0) {
               mbar_expect_tx(&v_full[stage], Tr::kKVBytes);
@@ -401,11 +406,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   auto softmax = [&](int tile, float* corr) {
     const bool listed = Tr::kIndex && tile < w.n_list;
     const int n0 = w.lo + (tile - w.n_list) * kBN;
-    if (listed) {  // listed keys: positions from the producer, masked only by j <= pos + window_right
-      const int it = kv_base + tile;
-      const int stage = it % kStages;
-      mbar_wait(&v_full[stage], (it / kStages) & 1);
-      const int* pos = sPos + stage * kBN;
+    const int pos_stage = (kv_base + tile) % kStages;
+    if (listed) {  // listed keys: positions from the producer (with K), masked only by j <= pos + window_right
+      const int* pos = sPos + pos_stage * kBN;
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt) {
         const int2 jj = *reinterpret_cast<const int2*>(pos + nt * 8 + 2 * t4);
@@ -417,6 +420,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         }
       }
     }
+    if constexpr (Tr::kIndex) mbar_arrive(&pos_empty[pos_stage]);
     const bool need_mask = !listed && (n0 + kBN > w.hi ||
                                        (p.window_right >= 0 && n0 + kBN - 1 > w.pos_min + p.window_right) ||
                                        (p.window_left >= 0 && n0 < w.pos_max - p.window_left));
