@@ -337,6 +337,13 @@ def test_validation_errors():
         sparse.topk_attention(q, k, v, good, window=-1)
     with pytest.raises(ValueError, match="scores must be"):
         sparse.sparsek_select(torch.randn(16), 2)
+    nan_u = u.clone()
+    nan_u[0, 0, 5] = float("nan")
+    with pytest.raises(ValueError, match="scores contain NaN"):
+        sparse.sparsek_select(nan_u, 2)
+    with pytest.raises(ValueError, match="scores contain NaN"):
+        sparse.sparsek_attention(q, k, v, nan_u, 2, 4)
+    assert sparse.sparsek_select(nan_u, 2, validate=False).shape == (1, 1, 16, 2)  # unchecked: no error
     with pytest.raises(TypeError, match="indices must be int32"):
         sparse.topk_attention(q, k, v, good.long())
     with pytest.raises(ValueError, match=r"indices values must lie in \[-1, 16\)"):

@@ -424,6 +424,7 @@ def sparsek_select(
     block_size: int | None = None,
     return_mask: bool = False,
     seqlen_q: int | None = None,
+    validate: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Hard top-k selection of key positions per query (or per query block) among its causal prefix minus its band.
 
@@ -445,6 +446,8 @@ def sparsek_select(
             ``tau`` the SparseK threshold of the row's whole candidate prefix (0 at padding). Computed in PyTorch,
             ``O(rows * Sk)`` memory: meant for training at moderate lengths.
         seqlen_q: number of queries for ``[B, Hkv, Sk]`` scores (default ``Sk``; bottom-right aligned).
+        validate: reject NaN scores with ``ValueError`` (one device sync; skipped under ``torch.compile`` and
+            CUDA-graph capture, where NaN scores give an unspecified selection).
 
     Returns:
         int32 ``[B, Hkv, rows, k]`` key positions sorted ascending and ``-1`` padded (rows with fewer than ``k``
@@ -472,6 +475,8 @@ def sparsek_select(
         sq = sk if seqlen_q is None else _check_int("seqlen_q", seqlen_q, lo=0)
     if causal and sq > sk:
         raise ValueError(f"causal selection needs seqlen_q <= Sk, got seqlen_q={sq}, Sk={sk}")
+    if validate and scores.numel() > 0 and _host_checks_allowed() and bool(torch.isnan(scores).any()):
+        raise ValueError("scores contain NaN; selection needs finite or -inf scores (-inf keys are never selected)")
     rows, off, step = select_limits(sq, sk, causal=causal, window=window, block_size=block_size)
     rs = scores
     if scores.dim() == 4 and block_size is not None:
@@ -727,6 +732,7 @@ def sparsek_attention(
     block_size: int | None = None,
     scale: float | None = None,
     return_lse: bool = False,
+    validate: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The SparseK attention layer forward: select ``k_budget`` keys per query, attend to them plus the local band.
 
@@ -745,6 +751,7 @@ def sparsek_attention(
             ``None`` selects per query, exactly as in the paper.
         scale: softmax scale, default ``D ** -0.5``.
         return_lse: also return the LSE ``[B, Hq, Sq]``.
+        validate: reject NaN scores (see [`sparsek_select`][sparsek.sparse.sparsek_select]; one device sync).
 
     Returns:
         The output ``[B, Sq, Hq, D]`` and the LSE if ``return_lse``.
@@ -759,7 +766,9 @@ def sparsek_attention(
         raise ValueError(f"scores must have shape {want} ([B, Hkv, Sk] or [B, Hkv, Sq, Sk]), got {tuple(scores.shape)}")
     if scores.device != q.device:
         raise ValueError(f"scores must be on {q.device} (like q), got {scores.device}")
-    idx = sparsek_select(scores, k_budget, causal=causal, window=window, block_size=block_size, seqlen_q=sq)
+    idx = sparsek_select(
+        scores, k_budget, causal=causal, window=window, block_size=block_size, seqlen_q=sq, validate=validate
+    )
     return topk_attention(
         q, k, v, idx, scale=scale, window=window, causal=causal, block_size=block_size,
         return_lse=return_lse, validate=False,
