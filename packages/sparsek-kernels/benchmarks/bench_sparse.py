@@ -189,7 +189,9 @@ class Runner:
         self.add("block-sparse", s, param, "dense SDPA cuDNN (causal)", dense["cudnn"], s * (s + 1) / 2, dense["cudnn"])
         starts = (blocks * bs).contiguous()
         counts = torch.full((b, h, nb), keep, dtype=torch.int32, device="cuda")
-        t_r = self.time(lambda: torch.ops.sparsek.block_attn_fwd(q, k, v, starts, counts, bs, bs, d**-0.5, -1, -1, False))
+        t_r = self.time(
+            lambda: torch.ops.sparsek.block_attn_fwd(q, k, v, starts, counts, bs, bs, d**-0.5, -1, -1, False)
+        )
         self.add("block-sparse", s, param, "sparsek kernel (block runs)", t_r, pairs, dense["cudnn"])
         tokens = sparse._expand_blocks(blocks, bs, s)
         fidx, cnt, ibq = sparse._shared_to_fmha(tokens, bs, 0, s, s)

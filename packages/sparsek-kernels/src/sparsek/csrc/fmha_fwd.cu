@@ -114,15 +114,6 @@ static int sm90_schedule() {
   return v;
 }
 
-// SPARSEK_SM90_INDEX_STAGES=2|3: K/V ring depth of the head-dim-128 index-list kernel (default 2).
-static int sm90_index_stages() {
-  static const int v = [] {
-    const char* e = std::getenv("SPARSEK_SM90_INDEX_STAGES");
-    return e && std::atoi(e) == 3 ? 3 : 2;
-  }();
-  return v;
-}
-
 // SPARSEK_SM90_INDEX_PERSISTENT=0 launches index-list problems with one CTA per query tile instead of the persistent
 // grid (measured faster for both block runs and token lists); a benchmarking knob.
 static bool sm90_index_persistent() {
@@ -186,8 +177,7 @@ static bool dispatch_sm90(const SkFmhaParams& p, cudaStream_t stream, cudaError_
     if (p.index_block_q != 128 || (p.kv_index_run > 1 && p.kv_index_run % 128 != 0) || p.cu_seqlens_q) return false;
     switch (p.head_dim) {
       case 64: return try_launch_sm90<64, 128, 4, T, 3, true>(p, stream, err);
-      case 128: return sm90_index_stages() == 2 ? try_launch_sm90<128, 128, 2, T, 3, true>(p, stream, err)
-                                                 : try_launch_sm90<128, 128, 3, T, 3, true>(p, stream, err);
+      case 128: return try_launch_sm90<128, 128, 2, T, 3, true>(p, stream, err);
       default: return false;
     }
   }

@@ -168,7 +168,7 @@ struct WorkTile {
 // causal problems visit each head's heaviest (last) query blocks first.
 template <int kBM, int kBN>
 __device__ __forceinline__ WorkTile work_tile(const SkFmhaParams& p, int item, int num_m) {
-  WorkTile w{};  // the current work tile (assigned per item; the lambdas below read it)
+  WorkTile w{};
   const int m_idx = item % num_m, rem = item / num_m;
   w.h = rem % p.heads_q;
   w.b = rem / p.heads_q;
