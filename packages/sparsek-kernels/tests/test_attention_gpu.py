@@ -120,3 +120,16 @@ def test_fp32_rejected_on_gpu():
     q = torch.randn(1, 8, 2, 64, device=DEV)
     with pytest.raises(TypeError, match="float16 or bfloat16"):
         sparsek.attention(q, q, q)
+
+
+def test_eager_fast_path_matches_the_op():
+    """Plain eager calls skip the dispatcher; the result is bit-identical to the registered op's."""
+    import importlib
+
+    attn_mod = importlib.import_module("sparsek.attention")
+    q, k, v = (torch.randn(2, 300, 4, 64, device=DEV, dtype=torch.float16) for _ in range(3))
+    assert attn_mod._eager_cuda(q, k, v)
+    assert not attn_mod._eager_cuda(q.requires_grad_(False), k, v.clone().requires_grad_(True))
+    out, lse = sparsek.attention(q, k, v, causal=True, return_lse=True)
+    ref_out, ref_lse = torch.ops.sparsek.fmha_fwd(q, k, v, None, None, 300, 300, 64**-0.5, -1, 0, True)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)

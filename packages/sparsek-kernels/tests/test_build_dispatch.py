@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
 import os
 import time
@@ -153,6 +154,20 @@ def test_params_struct_matches_header():
         names += [n.strip(",") for n in " ".join(parts[1:]).split(",") if n.strip()]
     names = [n.split()[-1] for n in names]
     assert names == [f[0] for f in _lib.SkFmhaParams._fields_]
+
+
+def test_params_packing_matches_ctypes_layout():
+    """The struct-packed parameters the kernels receive are byte-identical to the ctypes mirror of the C struct."""
+    fields = _lib.SkFmhaParams._fields_
+    values = []
+    for i, (_, typ) in enumerate(fields):
+        if typ is ctypes.c_float:
+            values.append(0.125)
+        elif typ is ctypes.c_void_p:
+            values.append(0x1000 * (i + 1))
+        else:
+            values.append(-3 * i - 1 if i % 2 else 7 * i + 2)
+    assert _lib.FMHA_PARAMS.pack(*values) == bytes(_lib.SkFmhaParams(*values))
 
 
 def test_fake_impl_under_compile_and_opcheck():

@@ -25,6 +25,23 @@ def _check_kernel_head_dim(q: torch.Tensor) -> None:
         )
 
 
+_is_functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
+
+
+def _eager_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Plain CUDA tensors without autograd, outside ``torch.compile``: the op's CUDA kernel can be called directly,
+    skipping the dispatcher (same result, a few microseconds less per call for small, latency-bound problems)."""
+    return (
+        q.is_cuda
+        and type(q) is torch.Tensor
+        and type(k) is torch.Tensor
+        and type(v) is torch.Tensor
+        and not (q.requires_grad or k.requires_grad or v.requires_grad)
+        and not _is_functorch_wrapped(q)
+        and not torch.compiler.is_compiling()
+    )
+
+
 def _capturing_or_compiling() -> bool:
     return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
@@ -75,7 +92,8 @@ def attention(
     scale = check_scale(scale, q.shape[-1])
     if layout == "bhsd":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    out, lse = torch.ops.sparsek.fmha_fwd(q, k, v, None, None, q.shape[1], k.shape[1], scale, left, right, return_lse)
+    fmha = ops._fmha_fwd_cuda if _eager_cuda(q, k, v) else torch.ops.sparsek.fmha_fwd
+    out, lse = fmha(q, k, v, None, None, q.shape[1], k.shape[1], scale, left, right, return_lse)
     if layout == "bhsd":
         out = out.transpose(1, 2)
     return (out, lse) if return_lse else out
