@@ -32,13 +32,13 @@ def _eager_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Plain CUDA tensors without autograd, outside ``torch.compile``: the op's CUDA kernel can be called directly,
     skipping the dispatcher (same result, a few microseconds less per call for small, latency-bound problems)."""
     return (
-        q.is_cuda
+        not torch.compiler.is_compiling()  # first: under tracing nothing else may be evaluated
+        and q.is_cuda
         and type(q) is torch.Tensor
         and type(k) is torch.Tensor
         and type(v) is torch.Tensor
         and not (q.requires_grad or k.requires_grad or v.requires_grad)
         and not _is_functorch_wrapped(q)
-        and not torch.compiler.is_compiling()
     )
 
 
