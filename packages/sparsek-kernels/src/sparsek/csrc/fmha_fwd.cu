@@ -124,6 +124,15 @@ static bool sm90_index_persistent() {
   return v;
 }
 
+// SPARSEK_SM90_D64_CONSUMERS=2|3: consumer warpgroups (64 query rows each) of the dense head-dim-64 kernel.
+static int sm90_d64_consumers() {
+  static const int v = [] {
+    const char* e = std::getenv("SPARSEK_SM90_D64_CONSUMERS");
+    return e && std::atoi(e) == 3 ? 3 : 2;
+  }();
+  return v;
+}
+
 static bool sm90_disabled() {
   static const bool v = std::getenv("SPARSEK_DISABLE_SM90") != nullptr;
   return v;
@@ -131,9 +140,9 @@ static bool sm90_disabled() {
 
 // Launches the wgmma kernel when the call qualifies (Hopper, dense or varlen, 16-byte aligned strides); returns
 // false (and launches nothing) otherwise so the caller uses the portable kernel.
-template <int kD, int kBN, int kStages, typename T, int kSched, bool kIndex = false>
+template <int kD, int kBN, int kStages, typename T, int kSched, bool kIndex = false, int kConsumers = 2>
 static bool try_launch_sm90(const SkFmhaParams& p, cudaStream_t stream, cudaError_t* err) {
-  using Tr = sm90::Sm90Traits<kD, kBN, kStages, T, kSched, kIndex>;
+  using Tr = sm90::Sm90Traits<kD, kBN, kStages, T, kSched, kIndex, kConsumers>;
   const bool varlen_q = p.cu_seqlens_q != nullptr, varlen_k = p.cu_seqlens_k != nullptr;
   const bool bf16 = p.is_bf16 != 0;
   sm90::TmaParams tma;
@@ -181,6 +190,8 @@ static bool dispatch_sm90(const SkFmhaParams& p, cudaStream_t stream, cudaError_
       default: return false;
     }
   }
+  if (p.head_dim == 64 && sm90_d64_consumers() == 3 && sm90_schedule() == 3)
+    return try_launch_sm90<64, 96, 4, T, 3, false, 3>(p, stream, err);
   switch (p.head_dim * 10 + sm90_schedule()) {
     case 640: return try_launch_sm90<64, 128, 4, T, 0>(p, stream, err);
     case 641: return try_launch_sm90<64, 128, 4, T, 1>(p, stream, err);

@@ -1,8 +1,8 @@
 // Hopper (sm_90a) FMHA forward: TMA loads completing on mbarriers, wgmma tensor-core GEMMs, warp specialization.
 //
-// CTA = 3 warpgroups. Warpgroup 0 is the producer: one thread issues bulk tensor copies (TMA) of the Q tile once and of
+// CTA = 3 warpgroups (4 with three consumers). Warpgroup 0 is the producer: one thread issues bulk tensor copies (TMA) of the Q tile once and of
 // K/V tiles into a kStages-deep ring, gated by "empty" mbarriers; it gives registers back with setmaxnreg.dec.
-// Warpgroups 1 and 2 are consumers (setmaxnreg.inc), each owning 64 query rows: S = Q K^T with both operands in shared
+// Warpgroups 1.. are consumers (setmaxnreg.inc), each owning 64 query rows: S = Q K^T with both operands in shared
 // memory (wgmma, 128-byte swizzle as written by TMA), online softmax on the accumulators, then O += P V with P from
 // registers and V in shared memory (transpose-B). Only compiled for sm_90a; dense and varlen, any causal/window band.
 //
@@ -135,21 +135,26 @@ struct TmaParams {
 };
 
 // kSched bit 0: software-pipelined consumer (softmax of S_j overlaps P_{j-1} V_{j-1});
-// kSched bit 1: ping-pong between the two consumer warpgroups (named barriers order their GEMM issue).
-// kIndex_: index-list (sparse) mode.
-template <int kD_, int kBN_, int kStages_, typename T_, int kSched_ = 1, bool kIndex_ = false>
+// kSched bit 1: ping-pong between the consumer warpgroups (named barriers order their GEMM issue, round robin).
+// kIndex_: index-list (sparse) mode. kConsumers_: consumer warpgroups of 64 query rows each (2 or 3).
+template <int kD_, int kBN_, int kStages_, typename T_, int kSched_ = 1, bool kIndex_ = false, int kConsumers_ = 2>
 struct Sm90Traits {
   using T = T_;
   static constexpr int kD = kD_, kBN = kBN_, kStages = kStages_, kSched = kSched_;
   static constexpr bool kIndex = kIndex_;
+  static constexpr int kConsumers = kConsumers_;
+  static_assert(kConsumers == 2 || (kConsumers == 3 && !kIndex), "3 consumer warpgroups: dense/varlen only");
   static constexpr bool kPipeline = kSched & 1, kPingPong = kSched & 2;
-  static constexpr int kBM = 128;  // two consumer warpgroups of 64 rows
-  static constexpr int kThreads = 384;
+  static constexpr int kBM = 64 * kConsumers;
+  static constexpr int kThreads = 128 * (kConsumers + 1);
+  static constexpr int kConsumerThreads = 128 * kConsumers;
   static constexpr int kBlocksD = kD / 64;  // 64-column (128-byte) swizzle blocks per row
   static constexpr int kQBytes = kBM * kD * 2;
   static constexpr int kKVBytes = kBN * kD * 2;  // one K (or V) tile
   // Register split (setmaxnreg): index mode gives the producer more for its gathers (128*56 + 256*224 <= 64K).
-  static constexpr int kProducerRegs = kIndex ? 56 : 40, kConsumerRegs = kIndex ? 224 : 232;
+  // 3 consumers: 128*32 + 384*160 = 64K.
+  static constexpr int kProducerRegs = kConsumers == 3 ? 32 : (kIndex ? 56 : 40);
+  static constexpr int kConsumerRegs = kConsumers == 3 ? 160 : (kIndex ? 224 : 232);
   static constexpr int kPosBytes = kIndex ? kStages * kBN * 4 : 0;  // key position of every K/V tile row
   static constexpr int kSmemBytes =
       1024 /*alignment slack*/ + kQBytes + 2 * kStages * kKVBytes + 256 /*barriers*/ + kPosBytes;
@@ -242,13 +247,13 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 
   if (tid == 0) {
     mbar_init(q_full, 1);
-    mbar_init(q_empty, 256);
+    mbar_init(q_empty, Tr::kConsumerThreads);
     for (int s = 0; s < kStages; ++s) {
       mbar_init(&k_full[s], kFullCount);
       mbar_init(&v_full[s], kFullCount);
-      mbar_init(&k_empty[s], 256);
-      mbar_init(&v_empty[s], 256);
-      mbar_init(&pos_empty[s], 256);
+      mbar_init(&k_empty[s], Tr::kConsumerThreads);
+      mbar_init(&v_empty[s], Tr::kConsumerThreads);
+      mbar_init(&pos_empty[s], Tr::kConsumerThreads);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
@@ -476,15 +481,15 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     }
   };
 
-  // Ping-pong: warpgroup w may issue GEMMs after bar.sync(w); it then lets the other warpgroup go (bar.arrive).
+  // Ping-pong (round robin): warpgroup w may issue GEMMs after bar.sync(w); it then lets the next one go (bar.arrive).
   auto gemm_turn_begin = [&]() {
     if constexpr (Tr::kPingPong) asm volatile("bar.sync %0, 256;\n" ::"r"(wg) : "memory");
   };
   auto gemm_turn_end = [&]() {
-    if constexpr (Tr::kPingPong) asm volatile("bar.arrive %0, 256;\n" ::"r"(3 - wg) : "memory");
+    if constexpr (Tr::kPingPong) asm volatile("bar.arrive %0, 256;\n" ::"r"(wg % Tr::kConsumers + 1) : "memory");
   };
   if constexpr (Tr::kPingPong) {
-    if (wg == 2) asm volatile("bar.arrive 1, 256;\n" ::: "memory");  // warpgroup 1 issues first
+    if (wg == Tr::kConsumers) asm volatile("bar.arrive 1, 256;\n" ::: "memory");  // warpgroup 1 issues first
   }
 
   int n_items = 0;
@@ -583,7 +588,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     ++n_items;
   }
   if constexpr (Tr::kPingPong) {
-    if (wg == 1) asm volatile("bar.sync 1, 256;\n" ::: "memory");  // consume warpgroup 2's last arrive
+    if (wg == 1) asm volatile("bar.sync 1, 256;\n" ::: "memory");  // consume the last warpgroup's last arrive
   }
 
 #endif
