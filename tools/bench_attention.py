@@ -92,6 +92,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench_out"))
     ap.add_argument("--quick", action="store_true", help="only the small latency shapes")
     ap.add_argument("--backends", default="sparsek,sdpa-flash,sdpa-cudnn,flex", help="comma-separated subset")
+    ap.add_argument("--head-dim", type=int, default=None, help="only the shapes with this head dimension")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.get_device_name()
@@ -102,6 +103,8 @@ def main() -> None:
     )
     rows = []
     for name, b, h, s, d, causal in SHAPES if not args.quick else SHAPES[:3]:
+        if args.head_dim is not None and d != args.head_dim:
+            continue
         dtype = DTYPES[name]
         q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=dtype) for _ in range(3))
         ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal)
