@@ -124,14 +124,19 @@ static bool sm90_index_persistent() {
   return v;
 }
 
-// SPARSEK_SM90_D64_CONSUMERS=2|3: consumer warpgroups (64 query rows each) of the dense head-dim-64 kernel.
+// SPARSEK_SM90_D64_CONSUMERS=2|3 forces the consumer warpgroups (64 query rows each) of the dense head-dim-64 kernel;
+// unset (0) lets dispatch_sm90 choose.
 static int sm90_d64_consumers() {
   static const int v = [] {
     const char* e = std::getenv("SPARSEK_SM90_D64_CONSUMERS");
-    return e && std::atoi(e) == 3 ? 3 : 2;
+    const int c = e ? std::atoi(e) : 0;
+    return c == 2 || c == 3 ? c : 0;
   }();
   return v;
 }
+
+// Every query tile of a dense problem does the same work unless a causal mask (right edge, no left edge) cuts it.
+static bool equal_cost_tiles(const SkFmhaParams& p) { return !(p.window_right >= 0 && p.window_left < 0); }
 
 static bool sm90_disabled() {
   static const bool v = std::getenv("SPARSEK_DISABLE_SM90") != nullptr;
@@ -166,7 +171,7 @@ static bool try_launch_sm90(const SkFmhaParams& p, cudaStream_t stream, cudaErro
   // Persistent grid (one CTA per SM, each looping over work tiles) when every tile costs the same; with a causal
   // band or index lists the costs differ, and one CTA per tile lets the hardware balance them.
   const long items = (long)((p.seqlen_q + Tr::kBM - 1) / Tr::kBM) * p.heads_q * p.batch;
-  const bool balanced = kIndex ? sm90_index_persistent() : !(p.window_right >= 0 && p.window_left < 0);
+  const bool balanced = kIndex ? sm90_index_persistent() : equal_cost_tiles(p);
   const int grid = (int)((items < num_sms() || !balanced) ? items : num_sms());
   if (grid == 0) {
     *err = cudaSuccess;
@@ -190,8 +195,17 @@ static bool dispatch_sm90(const SkFmhaParams& p, cudaStream_t stream, cudaError_
       default: return false;
     }
   }
-  if (p.head_dim == 64 && sm90_d64_consumers() == 3 && sm90_schedule() == 3)
-    return try_launch_sm90<64, 96, 4, T, 3, false, 3>(p, stream, err);
+  if (p.head_dim == 64 && sm90_schedule() == 3) {
+    // Three consumer warpgroups (192-row query tiles, FA3's head-dim-64 tile) share each K/V tile among more rows;
+    // they pay off only when the 192-row tiles fill several waves of a non-causal (equal-cost) problem. Round-robin
+    // ping-pong without the intra-warpgroup pipeline: at 160 registers per consumer the pipeline spills.
+    int consumers = sm90_d64_consumers();
+    if (consumers == 0) {
+      const long tiles192 = (long)((p.seqlen_q + 191) / 192) * p.heads_q * p.batch;
+      consumers = equal_cost_tiles(p) && tiles192 >= 4L * num_sms() ? 3 : 2;
+    }
+    if (consumers == 3) return try_launch_sm90<64, 128, 4, T, 2, false, 3>(p, stream, err);
+  }
   switch (p.head_dim * 10 + sm90_schedule()) {
     case 640: return try_launch_sm90<64, 128, 4, T, 0>(p, stream, err);
     case 641: return try_launch_sm90<64, 128, 4, T, 1>(p, stream, err);
