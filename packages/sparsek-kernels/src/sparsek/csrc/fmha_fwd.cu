@@ -124,13 +124,12 @@ static bool sm90_index_persistent() {
   return v;
 }
 
-// SPARSEK_SM90_D64_CONSUMERS=2|3 forces the consumer warpgroups (64 query rows each) of the dense head-dim-64 kernel;
-// unset (0) lets dispatch_sm90 choose.
+// SPARSEK_SM90_D64_CONSUMERS=3: three consumer warpgroups (64 query rows each) in the dense head-dim-64 kernel
+// instead of two; a benchmarking knob.
 static int sm90_d64_consumers() {
   static const int v = [] {
     const char* e = std::getenv("SPARSEK_SM90_D64_CONSUMERS");
-    const int c = e ? std::atoi(e) : 0;
-    return c == 2 || c == 3 ? c : 0;
+    return e && std::atoi(e) == 3 ? 3 : 2;
   }();
   return v;
 }
@@ -195,17 +194,11 @@ static bool dispatch_sm90(const SkFmhaParams& p, cudaStream_t stream, cudaError_
       default: return false;
     }
   }
-  if (p.head_dim == 64 && sm90_schedule() == 3) {
-    // Three consumer warpgroups (192-row query tiles, FA3's head-dim-64 tile) share each K/V tile among more rows;
-    // they pay off only when the 192-row tiles fill several waves of a non-causal (equal-cost) problem. Round-robin
-    // ping-pong without the intra-warpgroup pipeline: at 160 registers per consumer the pipeline spills.
-    int consumers = sm90_d64_consumers();
-    if (consumers == 0) {
-      const long tiles192 = (long)((p.seqlen_q + 191) / 192) * p.heads_q * p.batch;
-      consumers = equal_cost_tiles(p) && tiles192 >= 4L * num_sms() ? 3 : 2;
-    }
-    if (consumers == 3) return try_launch_sm90<64, 128, 4, T, 2, false, 3>(p, stream, err);
-  }
+  // Opt-in: three consumer warpgroups (192-row query tiles, FA3's head-dim-64 tile), round-robin ping-pong without
+  // the intra-warpgroup pipeline (which spills at 160 registers per consumer). Measured slower than two consumers
+  // (PERF_NOTES.md, v10-v11), so it is a benchmarking knob.
+  if (p.head_dim == 64 && sm90_d64_consumers() == 3)
+    return try_launch_sm90<64, 128, 4, T, 2, false, 3>(p, stream, err);
   switch (p.head_dim * 10 + sm90_schedule()) {
     case 640: return try_launch_sm90<64, 128, 4, T, 0>(p, stream, err);
     case 641: return try_launch_sm90<64, 128, 4, T, 1>(p, stream, err);
