@@ -38,7 +38,7 @@ def test_dense_matches_reference(dtype, d, causal, sq, sk):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("sk,window", [(1600, None), (999, None), (1600, (100, 50))])
 def test_many_tiles_head_dim_64(dtype, sk, window):
-    """Problems with many equal-cost query tiles: on Hopper these take the 192-row (three-consumer) kernel."""
+    """Many equal-cost query tiles (the persistent grid on Hopper); SPARSEK_SM90_D64_CONSUMERS=3 runs them on 192-row tiles."""
     torch.manual_seed(sk)
     b, sq, h, d = 2, 1600, 32, 64
     q, k, v = _rand(b, sq, h, d, dtype=dtype), _rand(b, sk, h, d, dtype=dtype), _rand(b, sk, h, d, dtype=dtype)

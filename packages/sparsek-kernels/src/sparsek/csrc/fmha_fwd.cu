@@ -134,9 +134,6 @@ static int sm90_d64_consumers() {
   return v;
 }
 
-// Every query tile of a dense problem does the same work unless a causal mask (right edge, no left edge) cuts it.
-static bool equal_cost_tiles(const SkFmhaParams& p) { return !(p.window_right >= 0 && p.window_left < 0); }
-
 static bool sm90_disabled() {
   static const bool v = std::getenv("SPARSEK_DISABLE_SM90") != nullptr;
   return v;
@@ -170,7 +167,7 @@ static bool try_launch_sm90(const SkFmhaParams& p, cudaStream_t stream, cudaErro
   // Persistent grid (one CTA per SM, each looping over work tiles) when every tile costs the same; with a causal
   // band or index lists the costs differ, and one CTA per tile lets the hardware balance them.
   const long items = (long)((p.seqlen_q + Tr::kBM - 1) / Tr::kBM) * p.heads_q * p.batch;
-  const bool balanced = kIndex ? sm90_index_persistent() : equal_cost_tiles(p);
+  const bool balanced = kIndex ? sm90_index_persistent() : !(p.window_right >= 0 && p.window_left < 0);
   const int grid = (int)((items < num_sms() || !balanced) ? items : num_sms());
   if (grid == 0) {
     *err = cudaSuccess;
