@@ -49,6 +49,29 @@ def test_many_tiles_head_dim_64(dtype, sk, window):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "b,sq,h,sk,d,causal,window",
+    [
+        (1, 512, 8, 2048, 64, False, None),  # 32 query blocks, 16 key tiles: 4 CTAs per block
+        (1, 1, 32, 8191, 128, False, None),  # decode-like: one query row, 64 key tiles
+        (1, 3, 4, 5000, 64, True, None),  # bottom-right causal, few rows: 8 CTAs per block
+        (2, 1000, 2, 1000, 128, True, None),  # causal: the first query blocks' keys fit in one split, the rest is empty
+        (1, 700, 3, 3000, 64, False, (100, 50)),  # sliding window: most splits of a block see no key
+    ],
+)
+def test_split_kv_small_grids(dtype, b, sq, h, sk, d, causal, window):
+    """Grids under half a wave split each query block's keys over a cluster of CTAs on Hopper (SPARSEK_SM90_SPLITS)."""
+    torch.manual_seed(sq + sk)
+    q, k, v = _rand(b, sq, h, d, dtype=dtype), _rand(b, sk, h, d, dtype=dtype), _rand(b, sk, h, d, dtype=dtype)
+    out, lse = sparsek.attention(q, k, v, causal=causal, window=window, return_lse=True)
+    ref, ref_lse = attention_ref(q.float(), k.float(), v.float(), causal=causal, window=window, return_lse=True)
+    assert rel_error(out, ref) < tolerance(dtype)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert (lse[finite] - ref_lse[finite]).abs().max().item() < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("hq,hk", [(8, 1), (8, 2), (6, 3)])
 @pytest.mark.parametrize("layout", ["bshd", "bhsd"])
 def test_gqa_layouts(dtype, hq, hk, layout):

@@ -134,6 +134,39 @@ static int sm90_d64_consumers() {
   return v;
 }
 
+// SPARSEK_SM90_SPLITS=N (1-8) forces the number of split-KV CTAs per query block (1 = never split); unset or 0 = the
+// heuristic in sm90_splits; a benchmarking and testing knob.
+static int sm90_splits_override() {
+  static const int v = [] {
+    const char* e = std::getenv("SPARSEK_SM90_SPLITS");
+    const int n = e ? std::atoi(e) : 0;
+    return (n >= 0 && n <= 8) ? n : 0;
+  }();
+  return v;
+}
+
+// Split-KV for grids that leave most SMs idle (latency shapes, long keys with few query blocks): the keys of each
+// query block are divided among up to 8 CTAs of one cluster, enough to fill the SMs, with at least 4 K/V tiles each
+// (measured: 1-2 tiles per CTA lose to the unsplit kernel, the fixed cost of a CTA dominates) and no CTA left
+// without a tile. `max_clusters(s)` = clusters of s CTAs that fit on the GPU at once: clusters must sit inside one
+// GPC, so a split that needs a second wave of clusters is not taken.
+template <typename MaxClusters>
+static int sm90_splits(long items, int seqlen_k, int kBN, MaxClusters max_clusters) {
+  constexpr int kMinTilesPerSplit = 4;
+  const int n_kv = (seqlen_k + kBN - 1) / kBN;
+  const int forced = sm90_splits_override();
+  int s = forced ? forced : (items * 2 <= num_sms() ? (int)(num_sms() / items) : 1);
+  if (!forced) s = s < n_kv / kMinTilesPerSplit ? s : n_kv / kMinTilesPerSplit;
+  s = s < 8 ? s : 8;
+  s = s < n_kv ? s : n_kv;
+  for (; s > 1; --s) {
+    const int per = (n_kv + s - 1) / s;
+    if ((n_kv + per - 1) / per != s) continue;  // some CTA would get no tile
+    if (forced || items <= max_clusters(s)) break;
+  }
+  return s > 1 ? s : 1;
+}
+
 static bool sm90_disabled() {
   static const bool v = std::getenv("SPARSEK_DISABLE_SM90") != nullptr;
   return v;
@@ -173,8 +206,38 @@ static bool try_launch_sm90(const SkFmhaParams& p, cudaStream_t stream, cudaErro
     *err = cudaSuccess;
     return true;
   }
-  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p, tma);
-  *err = cudaGetLastError();
+  // One cluster of `splits` CTAs per work item (the kernel reuses its K/V ring for the partials, so every CTA must
+  // own exactly one item).
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.blockDim = dim3(Tr::kThreads);
+  cfg.dynamicSmemBytes = Tr::kSmemBytes;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  auto max_clusters = [&](int s) {
+    static int cache[9] = {};  // per cluster size; the query is a host-side occupancy calculation
+    if (cache[s] == 0) {
+      attr[0].val.clusterDim.x = (unsigned)s;
+      cfg.gridDim = dim3((unsigned)s);
+      int n = 0;
+      cache[s] = cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) == cudaSuccess && n > 0 ? n : -1;
+      cudaGetLastError();
+    }
+    return cache[s];
+  };
+  tma.splits = kIndex ? 1 : sm90_splits(items, p.seqlen_k, kBN, max_clusters);
+  if (tma.splits == 1) {
+    kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p, tma);
+    *err = cudaGetLastError();
+    return true;
+  }
+  attr[0].val.clusterDim.x = (unsigned)tma.splits;
+  cfg.gridDim = dim3((unsigned)(items * tma.splits));
+  *err = cudaLaunchKernelEx(&cfg, kernel, p, tma);
   return true;
 }
 

@@ -132,7 +132,49 @@ __device__ __forceinline__ void gather_rows(T* tile, const T* base, int64_t row_
 
 struct TmaParams {
   CUtensorMap q, k, v;
+  // Split-KV (dense/varlen only): the keys of one query block are divided among `splits` CTAs of one thread-block
+  // cluster (cluster rank = split), which combine their partial results through distributed shared memory.
+  int splits;
 };
+
+__device__ __forceinline__ uint32_t cluster_ctarank() {
+  uint32_t r = 0;
+#ifdef SPARSEK_SM90_ENABLED
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+#endif
+  return r;
+}
+// All non-exited threads of the cluster; release/acquire orders shared-memory writes before remote reads.
+__device__ __forceinline__ void cluster_sync() {
+#ifdef SPARSEK_SM90_ENABLED
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#endif
+}
+// Address of the same shared-memory location in cluster CTA `rank`.
+__device__ __forceinline__ uint32_t cluster_map(uint32_t smem_addr, uint32_t rank) {
+  uint32_t r = smem_addr;
+#ifdef SPARSEK_SM90_ENABLED
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(smem_addr), "r"(rank));
+#endif
+  return r;
+}
+__device__ __forceinline__ float2 ld_cluster_f2(uint32_t addr) {
+  float2 v = make_float2(0.f, 0.f);
+#ifdef SPARSEK_SM90_ENABLED
+  asm volatile("ld.shared::cluster.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(addr) : "memory");
+#endif
+  return v;
+}
+__device__ __forceinline__ float4 ld_cluster_f4(uint32_t addr) {
+  float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+#ifdef SPARSEK_SM90_ENABLED
+  asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+               : "r"(addr)
+               : "memory");
+#endif
+  return v;
+}
 
 // kSched bit 0: software-pipelined consumer (softmax of S_j overlaps P_{j-1} V_{j-1});
 // kSched bit 1: ping-pong between the consumer warpgroups (named barriers order their GEMM issue, round robin).
@@ -170,9 +212,11 @@ struct WorkTile {
 };
 
 // Work item i -> tile. The query block varies fastest, so CTAs running at the same time share one head's K/V in L2;
-// causal problems visit each head's heaviest (last) query blocks first.
+// causal problems visit each head's heaviest (last) query blocks first. With `splits` > 1 (split-KV, no index lists)
+// the key range is cut into `splits` nearly equal runs of whole tiles and this CTA takes run `split`.
 template <int kBM, int kBN>
-__device__ __forceinline__ WorkTile work_tile(const SkFmhaParams& p, int item, int num_m) {
+__device__ __forceinline__ WorkTile work_tile(const SkFmhaParams& p, int item, int num_m, int split = 0,
+                                              int splits = 1) {
   WorkTile w{};
   const int m_idx = item % num_m, rem = item / num_m;
   w.h = rem % p.heads_q;
@@ -208,6 +252,13 @@ __device__ __forceinline__ WorkTile work_tile(const SkFmhaParams& p, int item, i
       w.n_list = p.kv_index_run > 1 ? w.list_n * (p.kv_index_run / kBN) : (w.list_n + kBN - 1) / kBN;
     }
   }
+  if (splits > 1) {
+    const int n_all = (hi - lo + kBN - 1) / kBN, per = (n_all + splits - 1) / splits;
+    const int t0 = min(n_all, split * per), t1 = min(n_all, t0 + per);
+    hi = min(hi, lo + t1 * kBN);
+    lo += t0 * kBN;
+    if (hi < lo) hi = lo;
+  }
   w.lo = lo;
   w.hi = hi;
   w.n_tiles = w.valid ? w.n_list + (hi - lo + kBN - 1) / kBN : 0;
@@ -239,6 +290,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const int group = p.heads_q / p.heads_kv;
   const int num_m = (p.seqlen_q + kBM - 1) / kBM;
   const int num_items = num_m * p.heads_q * p.batch;
+  // Split-KV: the CTAs of one cluster share a work item; cluster rank = which run of its keys this CTA takes.
+  const int splits = Tr::kIndex ? 1 : tma.splits;
+  const int split = splits > 1 ? (int)cluster_ctarank() : 0;
+  const int first_item = blockIdx.x / splits, item_stride = gridDim.x / splits;
   uint64_t* q_empty = v_empty + kStages;
   uint64_t* pos_empty = q_empty + 1;  // index mode: consumers are done reading a stage's key positions
   int* sPos = reinterpret_cast<int*>(base + Tr::kQBytes + 2 * kStages * Tr::kKVBytes + 256);  // [kStages][kBN]
@@ -265,7 +320,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       static_assert(kBN == 128, "index mode: one producer thread per key row");
       const int run = p.kv_index_run > 1 ? p.kv_index_run : 1;
       int kv_iter = 0, n_items = 0;
-      for (int item = blockIdx.x; item < num_items; item += gridDim.x) {
+      for (int item = first_item; item < num_items; item += item_stride) {
         const WorkTile w = work_tile<kBM, kBN>(p, item, num_m);
         if (!w.valid) continue;
         const int hk = w.h / group;
@@ -336,8 +391,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       }
     } else if (tid == 0) {
       int kv_iter = 0, n_items = 0;  // K/V tiles and work items loaded so far by this CTA
-      for (int item = blockIdx.x; item < num_items; item += gridDim.x) {
-        const WorkTile w = work_tile<kBM, kBN>(p, item, num_m);
+      for (int item = first_item; item < num_items; item += item_stride) {
+        const WorkTile w = work_tile<kBM, kBN>(p, item, num_m, split, splits);
         if (!w.valid) continue;
         const int hk = w.h / group;
         const int qb = p.cu_seqlens_q ? 0 : w.b, kb = p.cu_seqlens_k ? 0 : w.b;
@@ -493,8 +548,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   }
 
   int n_items = 0;
-  for (int item = blockIdx.x; item < num_items; item += gridDim.x) {
-    w = work_tile<kBM, kBN>(p, item, num_m);
+  for (int item = first_item; item < num_items; item += item_stride) {
+    w = work_tile<kBM, kBN>(p, item, num_m, split, splits);
     if (!w.valid) continue;
     qpos[0] = w.m0 + r0 + w.off;
     qpos[1] = qpos[0] + 8;
@@ -564,9 +619,64 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       row_sum[r] += __shfl_xor_sync(0xffffffff, row_sum[r], 1);
       row_sum[r] += __shfl_xor_sync(0xffffffff, row_sum[r], 2);
     }
-    const float inv[2] = {row_sum[0] > 0.f ? 1.f / row_sum[0] : 0.f, row_sum[1] > 0.f ? 1.f / row_sum[1] : 0.f};
     T* obase = reinterpret_cast<T*>(p.o) + w.b * p.o_batch_stride + (int64_t)w.q_start * p.o_row_stride +
                w.h * p.o_head_stride;
+    constexpr float kLn2 = 0.69314718055994530942f;
+    if (splits > 1) {
+      // Split-KV: every CTA of the cluster publishes its unnormalized rows (fp32 O, running max, sum) in its own K/V
+      // ring (free once every consumer's GEMMs are done), then combines a slice of the block's rows from all CTAs'
+      // partials through distributed shared memory and stores it.
+      constexpr int kLd = kD + 8;  // padded fp32 row: the quad's float2 stores of 8 rows spread over the banks
+      static_assert(kBM * kLd * 4 + kBM * 8 <= 2 * kStages * Tr::kKVBytes, "split-KV partials must fit the K/V ring");
+      float* sO = reinterpret_cast<float*>(sK);
+      float2* sML = reinterpret_cast<float2*>(sO + kBM * kLd);
+      asm volatile("bar.sync 8, %0;\n" ::"n"(Tr::kConsumerThreads) : "memory");
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = r0 + 8 * r;
+#pragma unroll
+        for (int dt = 0; dt < kDT; ++dt)
+          *reinterpret_cast<float2*>(sO + row * kLd + dt * 8 + 2 * t4) =
+              make_float2(acc_o[dt * 4 + 2 * r], acc_o[dt * 4 + 2 * r + 1]);
+        if (t4 == 0) sML[row] = make_float2(row_max[r], row_sum[r]);
+      }
+      cluster_sync();
+      constexpr int kC4 = kD / 4;
+      const int rows_per = (kBM + splits - 1) / splits;
+      const int row_begin = split * rows_per, row_end = min(kBM, row_begin + rows_per);
+      for (int e = tid - 128; e < (row_end - row_begin) * kC4; e += Tr::kConsumerThreads) {
+        const int row = row_begin + e / kC4, c4 = e % kC4;
+        const uint32_t ml_addr = smem_u32(sML + row), o_addr = smem_u32(sO + row * kLd + c4 * 4);
+        float m_all = -INFINITY;
+        for (int s = 0; s < splits; ++s) m_all = fmaxf(m_all, ld_cluster_f2(cluster_map(ml_addr, s)).x);
+        float l_all = 0.f;
+        float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (m_all != -INFINITY) {
+          for (int s = 0; s < splits; ++s) {
+            const float2 ml = ld_cluster_f2(cluster_map(ml_addr, s));
+            const float wgt = exp2f(ml.x - m_all);
+            const float4 v = ld_cluster_f4(cluster_map(o_addr, s));
+            l_all += wgt * ml.y;
+            o.x += wgt * v.x, o.y += wgt * v.y, o.z += wgt * v.z, o.w += wgt * v.w;
+          }
+        }
+        const int q_row = w.m0 + row;
+        if (q_row < w.sq) {
+          const float inv = l_all > 0.f ? 1.f / l_all : 0.f;
+          T* dst = obase + (int64_t)q_row * p.o_row_stride + c4 * 4;
+          reinterpret_cast<uint32_t*>(dst)[0] = Pack2<T>::pack(o.x * inv, o.y * inv);
+          reinterpret_cast<uint32_t*>(dst)[1] = Pack2<T>::pack(o.z * inv, o.w * inv);
+          if (p.lse && c4 == 0)
+            p.lse[w.b * p.lse_batch_stride + w.h * p.lse_head_stride + w.q_start + q_row] =
+                l_all > 0.f ? (m_all + log2f(l_all)) * kLn2 : -INFINITY;
+        }
+      }
+      cluster_sync();  // no CTA leaves while another still reads its shared memory
+      kv_base += w.n_tiles;
+      ++n_items;
+      continue;
+    }
+    const float inv[2] = {row_sum[0] > 0.f ? 1.f / row_sum[0] : 0.f, row_sum[1] > 0.f ? 1.f / row_sum[1] : 0.f};
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = w.m0 + r0 + 8 * r;
@@ -578,7 +688,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
               Pack2<T>::pack(acc_o[dt * 4 + 2 * r] * inv[r], acc_o[dt * 4 + 2 * r + 1] * inv[r]);
         }
         if (p.lse && t4 == 0) {
-          constexpr float kLn2 = 0.69314718055994530942f;
           p.lse[w.b * p.lse_batch_stride + w.h * p.lse_head_stride + w.q_start + row] =
               row_sum[r] > 0.f ? (row_max[r] + log2f(row_sum[r])) * kLn2 : -INFINITY;
         }
