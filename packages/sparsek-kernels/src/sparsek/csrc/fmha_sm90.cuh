@@ -1,10 +1,13 @@
 // Hopper (sm_90a) FMHA forward: TMA loads completing on mbarriers, wgmma tensor-core GEMMs, warp specialization.
 //
-// CTA = 3 warpgroups (4 with three consumers). Warpgroup 0 is the producer: one thread issues bulk tensor copies (TMA) of the Q tile once and of
-// K/V tiles into a kStages-deep ring, gated by "empty" mbarriers; it gives registers back with setmaxnreg.dec.
+// CTA = 3 warpgroups (4 with three consumers). Warpgroup 0 is the producer: one thread issues bulk tensor copies (TMA)
+// of each work item's Q tile (two buffers, so the next item's Q loads early) and of K/V tiles into a kStages-deep
+// ring, gated by "empty" mbarriers; it gives registers back with setmaxnreg.dec.
 // Warpgroups 1.. are consumers (setmaxnreg.inc), each owning 64 query rows: S = Q K^T with both operands in shared
 // memory (wgmma, 128-byte swizzle as written by TMA), online softmax on the accumulators, then O += P V with P from
 // registers and V in shared memory (transpose-B). Only compiled for sm_90a; dense and varlen, any causal/window band.
+// Split-KV (TmaParams::splits > 1): the CTAs of a cluster share one query block, each taking a run of its key tiles,
+// and combine their partial rows through distributed shared memory.
 //
 // Index-list (sparse) mode (kIndex): a 128-row query block also attends the keys of its list. Runs of 128 keys
 // (block-sparse lists) and the band arrive by TMA; token lists are gathered by the 4 producer warps (32 key rows each,
@@ -191,7 +194,7 @@ struct Sm90Traits {
   static constexpr int kThreads = 128 * (kConsumers + 1);
   static constexpr int kConsumerThreads = 128 * kConsumers;
   static constexpr int kBlocksD = kD / 64;  // 64-column (128-byte) swizzle blocks per row
-  static constexpr int kQBytes = kBM * kD * 2;
+  static constexpr int kQBytes = kBM * kD * 2;  // one Q tile; two are kept so the next work item's Q loads early
   static constexpr int kKVBytes = kBN * kD * 2;  // one K (or V) tile
   // Register split (setmaxnreg): index mode gives the producer more for its gathers (128*56 + 256*224 <= 64K).
   // 3 consumers: 128*32 + 384*160 = 64K.
@@ -199,7 +202,7 @@ struct Sm90Traits {
   static constexpr int kConsumerRegs = kConsumers == 3 ? 160 : (kIndex ? 224 : 232);
   static constexpr int kPosBytes = kIndex ? kStages * kBN * 4 : 0;  // key position of every K/V tile row
   static constexpr int kSmemBytes =
-      1024 /*alignment slack*/ + kQBytes + 2 * kStages * kKVBytes + 256 /*barriers*/ + kPosBytes;
+      1024 /*alignment slack*/ + 2 * kQBytes + 2 * kStages * kKVBytes + 256 /*barriers*/ + kPosBytes;
 };
 
 // One unit of work of the persistent kernel: a 128-row query block of one (sequence, head).
@@ -275,12 +278,13 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 
   extern __shared__ unsigned char smem_raw[];
   unsigned char* base = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  T* sQ = reinterpret_cast<T*>(base);                            // [kBlocksD][kBM][64]
-  T* sK = reinterpret_cast<T*>(base + Tr::kQBytes);              // [kStages][kBlocksD][kBN][64]
-  T* sV = reinterpret_cast<T*>(base + Tr::kQBytes + kStages * Tr::kKVBytes);
-  uint64_t* bars = reinterpret_cast<uint64_t*>(base + Tr::kQBytes + 2 * kStages * Tr::kKVBytes);
-  uint64_t* q_full = bars;
-  uint64_t* k_full = bars + 1;
+  // Work item n uses Q buffer n % 2: the producer loads the next item's Q while the current one is consumed.
+  T* sQ = reinterpret_cast<T*>(base);                                // [2][kBlocksD][kBM][64]
+  T* sK = reinterpret_cast<T*>(base + 2 * Tr::kQBytes);              // [kStages][kBlocksD][kBN][64]
+  T* sV = reinterpret_cast<T*>(base + 2 * Tr::kQBytes + kStages * Tr::kKVBytes);
+  uint64_t* bars = reinterpret_cast<uint64_t*>(base + 2 * Tr::kQBytes + 2 * kStages * Tr::kKVBytes);
+  uint64_t* q_full = bars;  // [2]
+  uint64_t* k_full = bars + 2;
   uint64_t* v_full = k_full + kStages;
   uint64_t* k_empty = v_full + kStages;
   uint64_t* v_empty = k_empty + kStages;
@@ -294,15 +298,18 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const int splits = Tr::kIndex ? 1 : tma.splits;
   const int split = splits > 1 ? (int)cluster_ctarank() : 0;
   const int first_item = blockIdx.x / splits, item_stride = gridDim.x / splits;
-  uint64_t* q_empty = v_empty + kStages;
-  uint64_t* pos_empty = q_empty + 1;  // index mode: consumers are done reading a stage's key positions
-  int* sPos = reinterpret_cast<int*>(base + Tr::kQBytes + 2 * kStages * Tr::kKVBytes + 256);  // [kStages][kBN]
+  uint64_t* q_empty = v_empty + kStages;  // [2]
+  uint64_t* pos_empty = q_empty + 2;  // index mode: consumers are done reading a stage's key positions
+  int* sPos = reinterpret_cast<int*>(base + 2 * Tr::kQBytes + 2 * kStages * Tr::kKVBytes + 256);  // [kStages][kBN]
+  static_assert((2 + 5 * kStages) * 8 <= 256, "barriers must fit their 256 bytes");
   // Index mode: all 128 producer threads arrive on the K/V "full" barriers (TMA tiles: thread 0 with the byte count).
   constexpr int kFullCount = Tr::kIndex ? 128 : 1;
 
   if (tid == 0) {
-    mbar_init(q_full, 1);
-    mbar_init(q_empty, Tr::kConsumerThreads);
+    for (int i = 0; i < 2; ++i) {
+      mbar_init(&q_full[i], 1);
+      mbar_init(&q_empty[i], Tr::kConsumerThreads);
+    }
     for (int s = 0; s < kStages; ++s) {
       mbar_init(&k_full[s], kFullCount);
       mbar_init(&v_full[s], kFullCount);
@@ -325,9 +332,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         if (!w.valid) continue;
         const int hk = w.h / group;
         if (tid == 0) {
-          if (n_items > 0) mbar_wait(q_empty, (n_items - 1) & 1);
-          mbar_expect_tx(q_full, Tr::kQBytes);
-          for (int c = 0; c < kBlocksD; ++c) tma_load_4d(sQ + c * kBM * 64, &tma.q, q_full, c * 64, w.m0, w.h, w.b);
+          const int qbuf = n_items & 1;
+          if (n_items >= 2) mbar_wait(&q_empty[qbuf], ((n_items >> 1) - 1) & 1);
+          mbar_expect_tx(&q_full[qbuf], Tr::kQBytes);
+          T* dQ = sQ + qbuf * (Tr::kQBytes / 2);
+          for (int c = 0; c < kBlocksD; ++c)
+            tma_load_4d(dQ + c * kBM * 64, &tma.q, &q_full[qbuf], c * 64, w.m0, w.h, w.b);
         }
         const T* kbase = reinterpret_cast<const T*>(p.k) + w.b * p.k_batch_stride + hk * p.k_head_stride;
         const T* vbase = reinterpret_cast<const T*>(p.v) + w.b * p.v_batch_stride + hk * p.v_head_stride;
@@ -396,10 +406,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         if (!w.valid) continue;
         const int hk = w.h / group;
         const int qb = p.cu_seqlens_q ? 0 : w.b, kb = p.cu_seqlens_k ? 0 : w.b;
-        if (n_items > 0) mbar_wait(q_empty, (n_items - 1) & 1);  // consumers done with the previous Q
-        mbar_expect_tx(q_full, Tr::kQBytes);
+        const int qbuf = n_items & 1;
+        if (n_items >= 2) mbar_wait(&q_empty[qbuf], ((n_items >> 1) - 1) & 1);  // consumers done with that buffer
+        mbar_expect_tx(&q_full[qbuf], Tr::kQBytes);
+        T* dQ = sQ + qbuf * (Tr::kQBytes / 2);
         for (int c = 0; c < kBlocksD; ++c)
-          tma_load_4d(sQ + c * kBM * 64, &tma.q, q_full, c * 64, w.q_start + w.m0, w.h, qb);
+          tma_load_4d(dQ + c * kBM * 64, &tma.q, &q_full[qbuf], c * 64, w.q_start + w.m0, w.h, qb);
         for (int tile = 0; tile < w.n_tiles; ++tile, ++kv_iter) {
           const int stage = kv_iter % kStages;
           const int empty_phase = ((kv_iter / kStages) - 1) & 1;
@@ -435,6 +447,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   int qpos[2];
   int kv_base = 0;  // K/V tiles consumed by this CTA before the current work item
   WorkTile w{};  // the current work tile (assigned per item; the lambdas below read it)
+  const T* sQc = sQ;  // the current work item's Q buffer (the lambdas below read it)
 
   // Software pipeline (FA3's intra-warpgroup overlap): while the tensor cores run O += P_{j-1} V_{j-1}, this warpgroup
   // computes the softmax of S_j. Empty barriers are per operand, so K_j's slot is released as soon as S_j is done.
@@ -449,7 +462,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk) {
       const int c = kk / 4, kin = (kk % 4) * 16;  // 64-column block and element offset inside the 128-byte row
-      const uint64_t da = make_desc(sQ + c * kBM * 64 + wrow * 64 + kin, 16, 1024);
+      const uint64_t da = make_desc(sQc + c * kBM * 64 + wrow * 64 + kin, 16, 1024);
       const uint64_t db = make_desc(cK + c * kBN * 64 + kin, 16, 1024);
       wgmma_ss<kBN, T>(acc_s, da, db, kk > 0 ? 1 : 0);
     }
@@ -557,7 +570,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     for (int i = 0; i < kD / 2; ++i) acc_o[i] = 0.f;
     row_max[0] = row_max[1] = -INFINITY;
     row_sum[0] = row_sum[1] = 0.f;
-    mbar_wait(q_full, n_items & 1);
+    sQc = sQ + (n_items & 1) * (Tr::kQBytes / 2);
+    mbar_wait(&q_full[n_items & 1], (n_items >> 1) & 1);
     if (w.n_tiles > 0) {
       float corr[2];
       if constexpr (Tr::kPipeline) {
@@ -584,7 +598,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           mbar_arrive(&v_empty[prev]);
           rescale_and_pack(corr);
         }
-        mbar_arrive(q_empty);  // every S GEMM of this item has completed: Q may be overwritten
+        mbar_arrive(&q_empty[n_items & 1]);  // every S GEMM of this item has completed: Q may be overwritten
         gemm_turn_begin();
         issue_pv_tile(w.n_tiles - 1);
         gemm_turn_end();
@@ -608,10 +622,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           fence_operands<kD / 2>(acc_o);
           mbar_arrive(&v_empty[(kv_base + tile) % kStages]);
         }
-        mbar_arrive(q_empty);
+        mbar_arrive(&q_empty[n_items & 1]);
       }
     } else {
-      mbar_arrive(q_empty);
+      mbar_arrive(&q_empty[n_items & 1]);
     }
     // Epilogue: normalize and store straight from registers; LSE in natural log.
 #pragma unroll
