@@ -16,6 +16,19 @@ def _rand(*shape, dtype):
     return torch.randn(*shape, device=DEV, dtype=dtype)
 
 
+def _assert_matches_reference(q, k, v, *, causal=False, window=None):
+    """Output and LSE against the float32 reference; rows that see no key give zero output and a -inf LSE."""
+    out, lse = sparsek.attention(q, k, v, causal=causal, window=window, return_lse=True)
+    ref, ref_lse = attention_ref(q.float(), k.float(), v.float(), causal=causal, window=window, return_lse=True)
+    assert rel_error(out, ref) < tolerance(q.dtype)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert (lse[finite] - ref_lse[finite]).abs().max().item() < 1e-2
+    sq, sk = q.shape[1], k.shape[1]
+    if causal and sq > sk:
+        assert out[:, : sq - sk].abs().max().item() == 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("causal", [False, True])
@@ -25,14 +38,7 @@ def _rand(*shape, dtype):
 def test_dense_matches_reference(dtype, d, causal, sq, sk):
     torch.manual_seed(sq * 7 + sk)
     q, k, v = _rand(2, sq, 4, d, dtype=dtype), _rand(2, sk, 4, d, dtype=dtype), _rand(2, sk, 4, d, dtype=dtype)
-    out, lse = sparsek.attention(q, k, v, causal=causal, return_lse=True)
-    ref, ref_lse = attention_ref(q.float(), k.float(), v.float(), causal=causal, return_lse=True)
-    assert rel_error(out, ref) < tolerance(dtype)
-    finite = torch.isfinite(ref_lse)
-    assert torch.equal(torch.isfinite(lse), finite)
-    assert (lse[finite] - ref_lse[finite]).abs().max().item() < 1e-2
-    if causal and sq > sk:  # rows that see no key: zero output
-        assert out[:, : sq - sk].abs().max().item() == 0
+    _assert_matches_reference(q, k, v, causal=causal)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -42,10 +48,7 @@ def test_many_tiles_head_dim_64(dtype, sk, window):
     torch.manual_seed(sk)
     b, sq, h, d = 2, 1600, 32, 64
     q, k, v = _rand(b, sq, h, d, dtype=dtype), _rand(b, sk, h, d, dtype=dtype), _rand(b, sk, h, d, dtype=dtype)
-    out, lse = sparsek.attention(q, k, v, window=window, return_lse=True)
-    ref, ref_lse = attention_ref(q.float(), k.float(), v.float(), window=window, return_lse=True)
-    assert rel_error(out, ref) < tolerance(dtype)
-    assert (lse - ref_lse).abs().max().item() < 1e-2
+    _assert_matches_reference(q, k, v, window=window)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -64,14 +67,7 @@ def test_split_kv_small_grids(dtype, b, sq, h, sk, d, causal, window):
     """Grids under half a wave split each query block's keys over a cluster of CTAs on Hopper (SPARSEK_SM90_SPLITS)."""
     torch.manual_seed(sq + sk)
     q, k, v = _rand(b, sq, h, d, dtype=dtype), _rand(b, sk, h, d, dtype=dtype), _rand(b, sk, h, d, dtype=dtype)
-    out, lse = sparsek.attention(q, k, v, causal=causal, window=window, return_lse=True)
-    ref, ref_lse = attention_ref(q.float(), k.float(), v.float(), causal=causal, window=window, return_lse=True)
-    assert rel_error(out, ref) < tolerance(dtype)
-    finite = torch.isfinite(ref_lse)
-    assert torch.equal(torch.isfinite(lse), finite)
-    assert (lse[finite] - ref_lse[finite]).abs().max().item() < 1e-2
-    if causal and sq > sk:  # rows that see no key: zero output
-        assert out[:, : sq - sk].abs().max().item() == 0
+    _assert_matches_reference(q, k, v, causal=causal, window=window)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
