@@ -206,8 +206,7 @@ static bool try_launch_sm90(const SkFmhaParams& p, cudaStream_t stream, cudaErro
     *err = cudaSuccess;
     return true;
   }
-  // One cluster of `splits` CTAs per work item (the kernel reuses its K/V ring for the partials, so every CTA must
-  // own exactly one item).
+  // Split-KV decision; the launch configuration also serves the cluster-occupancy query.
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeClusterDimension;
   attr[0].val.clusterDim.y = 1;
@@ -235,6 +234,8 @@ static bool try_launch_sm90(const SkFmhaParams& p, cudaStream_t stream, cudaErro
     *err = cudaGetLastError();
     return true;
   }
+  // One cluster of `splits` CTAs per work item (the kernel reuses its K/V ring for the partials, so every CTA must
+  // own exactly one item).
   attr[0].val.clusterDim.x = (unsigned)tma.splits;
   cfg.gridDim = dim3((unsigned)(items * tma.splits));
   *err = cudaLaunchKernelEx(&cfg, kernel, p, tma);
