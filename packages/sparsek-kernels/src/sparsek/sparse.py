@@ -503,12 +503,17 @@ def _shared_to_fmha(
     if window > 0:
         p0 = torch.arange(rows, device=idx.device, dtype=torch.int32) * block_size + (sk - sq)
         idx = torch.where(idx <= (p0 - window).view(1, 1, rows, 1), idx, torch.full_like(idx, -1))
+    idx, ibq = _reblock_fmha(idx, block_size, sq, head_dim)
+    counts = torch.full(idx.shape[:3], idx.shape[3], dtype=torch.int32, device=idx.device)
+    return idx, counts, ibq
+
+
+def _reblock_fmha(idx: torch.Tensor, block_size: int, sq: int, head_dim: int) -> tuple[torch.Tensor, int]:
+    """Lists per ``block_size`` queries → lists per FMHA query tile (128 rows, 64 at head dim 256), contiguous."""
     ibq = 128 if block_size % 128 == 0 and head_dim != 256 else 64
     if block_size != ibq:
         idx = idx.repeat_interleave(block_size // ibq, dim=2)[:, :, : -(-sq // ibq)]
-    idx = idx.contiguous()
-    counts = torch.full(idx.shape[:3], idx.shape[3], dtype=torch.int32, device=idx.device)
-    return idx, counts, ibq
+    return idx.contiguous(), ibq
 
 
 def _shared_to_per_query(idx: torch.Tensor, block_size: int, window: int, sq: int, sk: int) -> torch.Tensor:
@@ -582,21 +587,19 @@ def topk_attention(
 
 
 def _blockmask_lists(bm: Any) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Union of a BlockMask's partial and full KV-block lists, ``-1`` padded, sorted ascending."""
+    """Union of a BlockMask's partial and full KV-block lists, ``-1`` padded (unsorted)."""
     parts = []
     for nblk, blk in ((bm.kv_num_blocks, bm.kv_indices), (bm.full_kv_num_blocks, bm.full_kv_indices)):
         if nblk is None or blk is None:
             continue
         keep = torch.arange(blk.shape[-1], device=blk.device) < nblk.unsqueeze(-1)
         parts.append(torch.where(keep, blk.to(torch.int32), torch.full_like(blk, -1, dtype=torch.int32)))
-    lists = torch.cat(parts, -1)
-    return _sort_padded(lists), tuple(bm.BLOCK_SIZE)
+    return torch.cat(parts, -1), tuple(bm.BLOCK_SIZE)
 
 
 def _sort_padded(lists: torch.Tensor) -> torch.Tensor:
-    big = torch.iinfo(torch.int32).max
-    srt = torch.where(lists >= 0, lists, torch.full_like(lists, big)).sort(-1).values
-    return torch.where(srt == big, torch.full_like(srt, -1), srt)
+    """Valid entries first (descending; the kernels do not depend on the order), ``-1`` padding last: one sort."""
+    return lists.sort(-1, descending=True).values
 
 
 def _expand_blocks(blocks: torch.Tensor, kv_block: int, sk: int) -> torch.Tensor:
@@ -698,9 +701,8 @@ def block_sparse_attention(
         lists = lists.expand(-1, hk, -1, -1)
     if qb % 64 == 0 and kb % 64 == 0:  # runs of kb keys go to the FMHA kernel without expanding them to tokens
         _check_kernel_head_dim(q, INDEX_KERNEL_HEAD_DIMS, "FMHA index-list")
-        srt = _sort_padded(lists)
-        starts = torch.where(srt >= 0, srt * kb, srt)
-        starts, _, ibq = _shared_to_fmha(starts, qb, 0, sq, sk, q.shape[-1])
+        # Few small ops (on a slow host each costs ~10-20 us): padding sorts last, and its start (-kb) stays negative.
+        starts, ibq = _reblock_fmha(_sort_padded(lists) * kb, qb, sq, q.shape[-1])
         counts = (starts >= 0).sum(-1, dtype=torch.int32)  # sorted: valid entries come first
         out, lse = torch.ops.sparsek.block_attn_fwd(
             q, k, v, starts, counts, ibq, kb, scale, -1, 0 if causal else -1, return_lse

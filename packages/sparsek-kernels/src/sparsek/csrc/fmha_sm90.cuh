@@ -196,10 +196,14 @@ struct Sm90Traits {
   static constexpr int kBlocksD = kD / 64;  // 64-column (128-byte) swizzle blocks per row
   static constexpr int kQBytes = kBM * kD * 2;  // one Q tile; two are kept so the next work item's Q loads early
   static constexpr int kKVBytes = kBN * kD * 2;  // one K (or V) tile
-  // Register split (setmaxnreg): index mode gives the producer more for its gathers (128*56 + 256*224 <= 64K).
-  // 3 consumers: 128*32 + 384*160 = 64K.
+  // Register split (setmaxnreg): the CTA starts with kLaunchRegs per thread and setmaxnreg.inc only takes what .dec
+  // released, so the split must not exceed them (it hangs otherwise). Index mode gives the producer more for its
+  // gathers: 128*56 + 256*224 = 384*168; dense 128*40 + 256*232 = 384*168; 3 consumers 128*32 + 384*160 = 512*128.
   static constexpr int kProducerRegs = kConsumers == 3 ? 32 : (kIndex ? 56 : 40);
   static constexpr int kConsumerRegs = kConsumers == 3 ? 160 : (kIndex ? 224 : 232);
+  static constexpr int kLaunchRegs = (65536 / (128 * (kConsumers + 1))) & ~7;
+  static_assert(128 * kProducerRegs + 128 * kConsumers * kConsumerRegs <= 128 * (kConsumers + 1) * kLaunchRegs,
+                "setmaxnreg split exceeds the registers the CTA is launched with");
   static constexpr int kPosBytes = kIndex ? kStages * kBN * 4 : 0;  // key position of every K/V tile row
   static constexpr int kSmemBytes =
       1024 /*alignment slack*/ + 2 * kQBytes + 2 * kStages * kKVBytes + 256 /*barriers*/ + kPosBytes;
