@@ -272,6 +272,24 @@ def test_sparsek_attention_matches_composition():
         assert torch.equal(out, R.sparsek_attention_ref(q, k, v, u, 6, 4, block_size=bs))
 
 
+@pytest.mark.parametrize("qb,kb", [(128, 128), (256, 128), (128, 256), (64, 64)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_sparse_runs_path_padding_anywhere(qb, kb, causal):
+    """Block sizes that are multiples of 64 take the run path (lists sorted with padding last, query blocks re-blocked
+    to kernel tiles): -1 entries in the middle of a list, num_blocks cut-offs and a ragged last block."""
+    sq, sk = 600, 700
+    q, k, v = qkv(1, sq, sk, 4, 2, 16, seed=qb + kb)
+    nqb, nkb = -(-sq // qb), -(-sk // kb)
+    g = torch.Generator().manual_seed(qb * 7 + kb)
+    lists = torch.stack([torch.randperm(nkb, generator=g)[:3] for _ in range(2 * nqb)]).view(1, 2, nqb, 3)
+    lists = lists.to(torch.int32)
+    lists[..., 1] = torch.where(torch.arange(nqb) % 2 == 0, -1, lists[..., 1])  # padding before a valid entry
+    nb = torch.randint(1, 4, (1, 2, nqb), generator=g, dtype=torch.int32)
+    out = sparse.block_sparse_attention(q, k, v, lists, (qb, kb), num_blocks=nb, causal=causal)
+    ref = R.block_sparse_attention_ref(q, k, v, lists, (qb, kb), num_blocks=nb, causal=causal)
+    assert torch.allclose(out, ref, atol=1e-6)
+
+
 def test_block_sparse_attention_tensor_and_blockmask():
     from torch.nn.attention.flex_attention import create_block_mask
 
