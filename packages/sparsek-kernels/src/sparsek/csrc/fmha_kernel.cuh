@@ -35,6 +35,12 @@ struct Pack2<__nv_bfloat16> {
   }
 };
 
+// Natural-log LSE of a softmax row from its running max (log2 units, scaled) and sum; -inf for a row without keys.
+__device__ __forceinline__ float row_lse(float max_log2, float sum) {
+  constexpr float kLn2 = 0.69314718055994530942f;
+  return sum > 0.f ? (max_log2 + log2f(sum)) * kLn2 : -INFINITY;
+}
+
 template <typename T>
 __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
 
@@ -427,12 +433,11 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) fmha_fwd_kernel(
     }
   }
   if (p.lse && t4 == 0) {
-    constexpr float kLn2 = 0.69314718055994530942f;
     float* lbase = p.lse + s.b * p.lse_batch_stride + h * p.lse_head_stride + s.q_start;
 #pragma unroll
     for (int r = 0; r < 2 * kMT; ++r) {
       const int row = qpos[r] - off;
-      if (row < s.sq) lbase[row] = row_sum[r] > 0.f ? (row_max[r] + log2f(row_sum[r])) * kLn2 : -INFINITY;
+      if (row < s.sq) lbase[row] = row_lse(row_max[r], row_sum[r]);
     }
   }
 }

@@ -639,7 +639,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     }
     T* obase = reinterpret_cast<T*>(p.o) + w.b * p.o_batch_stride + (int64_t)w.q_start * p.o_row_stride +
                w.h * p.o_head_stride;
-    constexpr float kLn2 = 0.69314718055994530942f;
     if (splits > 1) {
       // Split-KV: every CTA of the cluster publishes its unnormalized rows (fp32 O, running max, sum) in its own K/V
       // ring (free once every consumer's GEMMs are done), then combines a slice of the block's rows from all CTAs'
@@ -686,7 +685,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           reinterpret_cast<uint32_t*>(dst)[1] = Pack2<T>::pack(o.z * inv, o.w * inv);
           if (p.lse && c4 == 0)
             p.lse[w.b * p.lse_batch_stride + w.h * p.lse_head_stride + w.q_start + q_row] =
-                l_all > 0.f ? (m_all + log2f(l_all)) * kLn2 : -INFINITY;
+                row_lse(m_all, l_all);
         }
       }
       cluster_sync();  // no CTA leaves while another still reads its shared memory
@@ -707,7 +706,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         }
         if (p.lse && t4 == 0) {
           p.lse[w.b * p.lse_batch_stride + w.h * p.lse_head_stride + w.q_start + row] =
-              row_sum[r] > 0.f ? (row_max[r] + log2f(row_sum[r])) * kLn2 : -INFINITY;
+              row_lse(row_max[r], row_sum[r]);
         }
       }
     }
