@@ -2,6 +2,7 @@
 // raises the dynamic shared-memory limit once per instantiation and launches on the caller's stream.
 #include <cuda_runtime.h>
 
+#include <climits>
 #include <cstdlib>
 #include <mutex>
 
@@ -37,12 +38,18 @@ static cudaError_t launch(const SkFmhaParams& p, cudaStream_t stream) {
 }
 
 
+// Integer value of environment variable `name`, or `fallback` when it is unset or outside [lo, hi]. The knobs
+// below read it once per process.
+static int env_int(const char* name, int fallback, int lo = INT_MIN, int hi = INT_MAX) {
+  const char* e = std::getenv(name);
+  if (!e) return fallback;
+  const int v = std::atoi(e);
+  return (v >= lo && v <= hi) ? v : fallback;
+}
+
 // SPARSEK_FMHA_TILE=64|128 forces the query tile size (a tuning knob for benchmarks; 0/unset = heuristic).
 static int tile_override() {
-  static const int v = [] {
-    const char* e = std::getenv("SPARSEK_FMHA_TILE");
-    return e ? std::atoi(e) : 0;
-  }();
+  static const int v = env_int("SPARSEK_FMHA_TILE", 0);
   return v;
 }
 
@@ -106,42 +113,28 @@ static bool make_map(CUtensorMap* map, const void* ptr, bool bf16, int dim, int 
 // SPARSEK_SM90_SCHED=0..3 picks the consumer schedule (bit 0 pipeline, bit 1 ping-pong; default 3, the fastest
 // measured); a benchmarking knob.
 static int sm90_schedule() {
-  static const int v = [] {
-    const char* e = std::getenv("SPARSEK_SM90_SCHED");
-    const int s = e ? std::atoi(e) : 3;
-    return (s >= 0 && s <= 3) ? s : 3;
-  }();
+  static const int v = env_int("SPARSEK_SM90_SCHED", 3, 0, 3);
   return v;
 }
 
 // SPARSEK_SM90_INDEX_PERSISTENT=0 launches index-list problems with one CTA per query tile instead of the persistent
 // grid (measured faster for both block runs and token lists); a benchmarking knob.
 static bool sm90_index_persistent() {
-  static const bool v = [] {
-    const char* e = std::getenv("SPARSEK_SM90_INDEX_PERSISTENT");
-    return !(e && std::atoi(e) == 0);
-  }();
+  static const bool v = env_int("SPARSEK_SM90_INDEX_PERSISTENT", 1) != 0;
   return v;
 }
 
 // SPARSEK_SM90_D64_CONSUMERS=3: three consumer warpgroups (64 query rows each) in the dense head-dim-64 kernel
 // instead of two; a benchmarking knob.
 static int sm90_d64_consumers() {
-  static const int v = [] {
-    const char* e = std::getenv("SPARSEK_SM90_D64_CONSUMERS");
-    return e && std::atoi(e) == 3 ? 3 : 2;
-  }();
+  static const int v = env_int("SPARSEK_SM90_D64_CONSUMERS", 2) == 3 ? 3 : 2;
   return v;
 }
 
 // SPARSEK_SM90_SPLITS=N (1-8) forces the number of split-KV CTAs per query block (1 = never split); unset or 0 = the
 // heuristic in sm90_splits; a benchmarking and testing knob.
 static int sm90_splits_override() {
-  static const int v = [] {
-    const char* e = std::getenv("SPARSEK_SM90_SPLITS");
-    const int n = e ? std::atoi(e) : 0;
-    return (n >= 0 && n <= 8) ? n : 0;
-  }();
+  static const int v = env_int("SPARSEK_SM90_SPLITS", 0, 0, 8);
   return v;
 }
 
