@@ -122,3 +122,4 @@ def build(session: nox.Session) -> None:
             f"assert not bad, f'{dist_name} pulled {{bad}}'; print('{dist_name}: ok, absent:', {absent!r})"
         )
         session.run(py, "-c", script, external=True)
+        shutil.rmtree(env_dir)  # about 1 GB each (torch): keep at most one on disk
