@@ -199,6 +199,9 @@ class Runner:
         self.add("block-sparse", s, param, "sparsek kernel (token lists)", t_k, pairs, dense["cudnn"])
         t_c = self.time(lambda: sparse.block_sparse_attention(q, k, v, blocks, bs, validate=False))
         self.add("block-sparse", s, param, "sparsek block_sparse_attention (call)", t_c, pairs, dense["cudnn"])
+        layout = sparse.block_sparse_layout(blocks, bs, seqlen_q=s, seqlen_k=s, validate=False)  # prepared once
+        t_l = self.time(lambda: sparse.block_sparse_attention(q, k, v, layout))
+        self.add("block-sparse", s, param, "sparsek block_sparse_attention (layout)", t_l, pairs, dense["cudnn"])
         if not a.no_flex:
             num = torch.full((b, h, nb), keep, dtype=torch.int32, device="cuda")
             pad = torch.nn.functional.pad(blocks, (0, nb - keep))

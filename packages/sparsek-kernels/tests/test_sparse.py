@@ -321,6 +321,74 @@ def test_block_sparse_attention_tensor_and_blockmask():
     assert torch.allclose(out2, R.block_sparse_attention_ref(q2, k2, v2, blocks, (16, 15), num_blocks=nb), atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "qb,kb,hm", [(128, 128, 1), (128, 128, 2), (256, 128, 4), (64, 64, 2), (128, 48, 2), (16, 15, 4), (16, 15, 1)]
+)
+def test_block_sparse_layout_matches_the_direct_call(qb, kb, hm):
+    """A layout prepared once gives the same output as passing the lists to every call (runs, token-list and
+    per-query paths; lists per batch or broadcast, per KV head, per query head or shared), for fresh q/k/v each time,
+    and does not follow later changes of the source lists."""
+    sq, sk, hq, hk = 300, 700, 4, 2
+    nqb, nkb = -(-sq // qb), -(-sk // kb)
+    g = torch.Generator().manual_seed(qb + kb + hm)
+    lists = torch.stack([torch.randperm(nkb, generator=g)[:4] for _ in range(hm * nqb)]).view(1, hm, nqb, 4)
+    lists = lists.to(torch.int32)
+    lists[..., 2] = -1
+    nb = torch.randint(1, 5, (2, hm, nqb), generator=g, dtype=torch.int32)
+    layout = sparse.block_sparse_layout(lists, (qb, kb), seqlen_q=sq, seqlen_k=sk, num_blocks=nb)
+    assert layout.path == ("runs" if kb % 64 == 0 and qb % 64 == 0 else "tokens" if qb % 64 == 0 else "per-query")
+    assert layout.block_lists.shape[0] == 2  # num_blocks per batch entry broadcasts the shared lists
+    source = lists.clone()
+    for seed in range(2):
+        q, k, v = qkv(2, sq, sk, hq, hk, 16, seed=seed)
+        for causal in (False, True):
+            direct, lse = sparse.block_sparse_attention(
+                q, k, v, source, (qb, kb), num_blocks=nb, causal=causal, return_lse=True
+            )
+            out, lse2 = sparse.block_sparse_attention(q, k, v, layout, causal=causal, return_lse=True)
+            assert torch.equal(out, direct) and torch.equal(lse2, lse)
+            ref = R.block_sparse_attention_ref(q, k, v, source, (qb, kb), num_blocks=nb, causal=causal)
+            assert torch.allclose(out, ref, atol=1e-6)
+        lists.fill_(0)  # the layout keeps its own copy
+
+
+def test_block_sparse_layout_from_blockmask_and_head_dim_256():
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    sq = sk = 300
+    bm = create_block_mask(lambda b, h, qi, kvi: qi >= kvi, 1, 1, sq, sk, device="cpu", BLOCK_SIZE=128)
+    layout = sparse.block_sparse_layout(bm)  # sizes and lengths from the BlockMask
+    assert (layout.q_block, layout.kv_block, layout.seqlen_q, layout.seqlen_k) == (128, 128, sq, sk)
+    assert layout.kernel_block_q == 128
+    for d in (16, 256):  # head dim 256 re-blocks the layout's lists to 64-query tiles on the fly
+        q, k, v = qkv(1, sq, sk, 4, 2, d, seed=d)
+        out = sparse.block_sparse_attention(q, k, v, layout, causal=True)
+        assert torch.equal(out, sparse.block_sparse_attention(q, k, v, bm, causal=True))
+        assert torch.allclose(out, attention_ref(q, k, v, causal=True), atol=1e-5)
+
+
+def test_block_sparse_layout_errors():
+    lists = torch.zeros(1, 1, 2, 1, dtype=torch.int32)
+    layout = sparse.block_sparse_layout(lists, 8, seqlen_q=16, seqlen_k=16)
+    q, k, v = qkv(1, 16, 16, 2, 1, 16)
+    with pytest.raises(ValueError, match="seqlen_q and seqlen_k are required"):
+        sparse.block_sparse_layout(lists, 8)
+    with pytest.raises(ValueError, match=r"block_indices.shape\[2\] must be 3"):
+        sparse.block_sparse_layout(lists, 8, seqlen_q=17, seqlen_k=16)
+    with pytest.raises(ValueError, match=r"values must lie in \[-1, 1\)"):
+        sparse.block_sparse_layout(lists + 1, 8, seqlen_q=16, seqlen_k=8)
+    with pytest.raises(ValueError, match="layout for seqlen_q=16, seqlen_k=16"):
+        sparse.block_sparse_attention(q[:, :8], k, v, layout)
+    with pytest.raises(ValueError, match="must not be given with a BlockSparseLayout"):
+        sparse.block_sparse_attention(q, k, v, layout, 8)
+    with pytest.raises(ValueError, match=r"block_indices.shape\[1\] must be one of"):
+        sparse.block_sparse_attention(
+            q, k, v, sparse.block_sparse_layout(lists.expand(1, 3, 2, 1), 8, seqlen_q=16, seqlen_k=16)
+        )
+    with pytest.raises(TypeError, match="BlockSparseLayout"):
+        sparse.block_sparse_attention(q, k, v, [[0]], 8)
+
+
 def test_opcheck_custom_ops():
     q, k, v = qkv(1, 20, 20, 2, 1, 16)
     u = torch.randn(1, 1, 20)
@@ -393,6 +461,21 @@ def test_validation_errors():
 
 
 def test_public_names():
-    for name in ("sparsek_select", "sparsek_mask", "topk_attention", "block_sparse_attention", "sparsek_attention"):
+    for name in (
+        "sparsek_select",
+        "sparsek_mask",
+        "topk_attention",
+        "block_sparse_attention",
+        "block_sparse_layout",
+        "sparsek_attention",
+    ):
         assert callable(getattr(sparse, name))
     assert hasattr(sparsek.reference, "topk_attention_ref")
+
+
+def test_block_sparse_layout_under_torch_compile():
+    q, k, v = qkv(1, 256, 256, 4, 2, 64, seed=3)
+    lists = torch.tensor([[[[0, 1], [1, -1]]]], dtype=torch.int32)
+    layout = sparse.block_sparse_layout(lists, 128, seqlen_q=256, seqlen_k=256)
+    f = torch.compile(lambda a, b, c, lay: sparse.block_sparse_attention(a, b, c, lay, causal=True), fullgraph=True)
+    assert torch.equal(f(q, k, v, layout), sparse.block_sparse_attention(q, k, v, lists, 128, causal=True))

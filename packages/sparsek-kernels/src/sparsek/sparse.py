@@ -17,6 +17,7 @@ with fake implementations, so they trace under ``torch.compile``. On CPU tensors
 from __future__ import annotations
 
 import ctypes
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,7 +34,9 @@ from .reference.sparse import (
 )
 
 __all__ = [
+    "BlockSparseLayout",
     "block_sparse_attention",
+    "block_sparse_layout",
     "sparsek_attention",
     "sparsek_mask",
     "sparsek_select",
@@ -95,16 +98,23 @@ def _check_index_tensor(
         raise ValueError(f"{name}.shape[1] must be one of {heads} (heads), got shape {tuple(idx.shape)}")
     if idx.shape[2] != rows:
         raise ValueError(f"{name}.shape[2] must be {rows} (query rows or blocks), got shape {tuple(idx.shape)}")
-    if validate and idx.numel() > 0 and _host_checks_allowed():
-        lo_v, hi_v = int(idx.min()), int(idx.max())
-        if lo_v < -1 or hi_v >= hi:
-            raise ValueError(f"{name} values must lie in [-1, {hi}) (-1 = padding), got min {lo_v}, max {hi_v}")
-        srt = idx.sort(-1).values
-        if bool(((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)).any()):
-            raise ValueError(f"{name} must not repeat an entry within one list (found a repeated index)")
+    if validate:
+        _check_index_values(name, idx, hi)
     if idx.shape[0] != batch:
         idx = idx.expand(batch, -1, -1, -1)
     return idx
+
+
+def _check_index_values(name: str, idx: torch.Tensor, hi: int) -> None:
+    """Values in ``[-1, hi)`` and no repeated entry within a list (one device sync; skipped while tracing)."""
+    if idx.numel() == 0 or not _host_checks_allowed():
+        return
+    lo_v, hi_v = int(idx.min()), int(idx.max())
+    if lo_v < -1 or hi_v >= hi:
+        raise ValueError(f"{name} values must lie in [-1, {hi}) (-1 = padding), got min {lo_v}, max {hi_v}")
+    srt = idx.sort(-1).values
+    if bool(((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)).any()):
+        raise ValueError(f"{name} must not repeat an entry within one list (found a repeated index)")
 
 
 def _check_kernel_head_dim(q: torch.Tensor, dims: tuple[int, ...], what: str) -> None:
@@ -609,11 +619,169 @@ def _expand_blocks(blocks: torch.Tensor, kv_block: int, sk: int) -> torch.Tensor
     return tok.flatten(-2)
 
 
+@dataclass(frozen=True, eq=False)
+class BlockSparseLayout:
+    """A block-sparse pattern prepared once for [`block_sparse_attention`][sparsek.sparse.block_sparse_attention].
+
+    Build it with [`block_sparse_layout`][sparsek.sparse.block_sparse_layout] and pass it as ``block_indices`` to
+    every call that shares the pattern (all layers of a model, every step): the calls then skip the list preparation
+    and the host-side validation (FlashInfer's plan/run split; FlexAttention's ``BlockMask`` plays the same role).
+    It holds its own tensors, so changing the source lists afterwards does not change it.
+
+    Attributes:
+        block_lists: int32 ``[B or 1, H, ceil(seqlen_q / q_block), n]`` KV-block lists, valid entries first,
+            ``-1`` padded (``num_blocks`` applied).
+        q_block: queries per block.
+        kv_block: keys per block.
+        seqlen_q: the query length the layout was built for.
+        seqlen_k: the key length the layout was built for.
+        path: the kernel path: ``"runs"`` (both block sizes multiples of 64: lists of ``kv_block``-key runs),
+            ``"tokens"`` (``q_block`` a multiple of 64: token lists) or ``"per-query"`` (the gather kernel).
+        kernel_lists: what that path's kernel reads (run starts, token lists or per-query lists), prepared for
+            head dims up to 128.
+        kernel_counts: valid entries per kernel list (``None`` on the per-query path).
+        kernel_block_q: queries per kernel list (128 or 64; 1 on the per-query path).
+    """
+
+    block_lists: torch.Tensor
+    q_block: int
+    kv_block: int
+    seqlen_q: int
+    seqlen_k: int
+    path: str
+    kernel_lists: torch.Tensor
+    kernel_counts: torch.Tensor | None
+    kernel_block_q: int
+
+
+def _kernel_lists(
+    lists: torch.Tensor, qb: int, kb: int, sq: int, sk: int, head_dim: int
+) -> tuple[str, torch.Tensor, torch.Tensor | None, int]:
+    """Sorted KV-block lists → (path, kernel lists, counts, queries per list) for the kernels."""
+    if qb % 64 == 0 and kb % 64 == 0:  # runs of kb keys go to the FMHA kernel without expanding them to tokens
+        # Few small ops (on a slow host each costs ~10-20 us): padding sorts last, and its start (-kb) stays negative.
+        starts, ibq = _reblock_fmha(lists * kb, qb, sq, head_dim)
+        return "runs", starts, (starts >= 0).sum(-1, dtype=torch.int32), ibq  # valid entries come first
+    tokens = _expand_blocks(lists, kb, sk)
+    if qb % 64 == 0:
+        idx, counts, ibq = _shared_to_fmha(tokens, qb, 0, sq, sk, head_dim)
+        return "tokens", idx, counts, ibq
+    return "per-query", _shared_to_per_query(tokens, qb, 0, sq, sk), None, 1
+
+
+def _block_sizes(block_size: object) -> tuple[int, int]:
+    if isinstance(block_size, int) and not isinstance(block_size, bool):
+        qb, kb = block_size, block_size
+    elif isinstance(block_size, (tuple, list)) and len(block_size) == 2:
+        qb, kb = block_size
+    else:
+        raise ValueError(f"block_size must be an int or a (q_block, kv_block) pair, got {block_size!r}")
+    return _check_int("block_size (q_block)", qb, lo=1), _check_int("block_size (kv_block)", kb, lo=1)
+
+
+def _build_layout(
+    block_indices: torch.Tensor | Any,
+    block_size: int | tuple[int, int] | None,
+    seqlen_q: int | None,
+    seqlen_k: int | None,
+    num_blocks: torch.Tensor | None,
+    validate: bool,
+    head_dim: int,
+    device: torch.device | None = None,
+) -> BlockSparseLayout:
+    if isinstance(block_indices, torch.Tensor):
+        if block_size is None:
+            raise ValueError("block_size is required when block_indices is a tensor")
+        lists = check_tensor("block_indices", block_indices, 4)
+        if device is not None and lists.device != device:
+            raise ValueError(f"block_indices must be on {device} (like q), got {lists.device}")
+    elif hasattr(block_indices, "kv_indices") and hasattr(block_indices, "BLOCK_SIZE"):
+        if num_blocks is not None:
+            raise ValueError("num_blocks must not be given with a BlockMask (it carries its own counts)")
+        lists, bm_bs = _blockmask_lists(block_indices)
+        if block_size is not None and _block_sizes(block_size) != bm_bs:
+            raise ValueError(f"block_size={block_size} disagrees with the BlockMask's BLOCK_SIZE {bm_bs}")
+        block_size = bm_bs
+        lists = lists if device is None else lists.to(device)
+        lens = getattr(block_indices, "seq_lengths", None)
+        seqlen_q = lens[0] if seqlen_q is None and lens is not None else seqlen_q
+        seqlen_k = lens[1] if seqlen_k is None and lens is not None else seqlen_k
+    else:
+        raise TypeError(
+            "block_indices must be an int32 tensor, a BlockMask or a BlockSparseLayout, "
+            f"got {type(block_indices).__name__}"
+        )
+    if seqlen_q is None or seqlen_k is None:
+        raise ValueError("seqlen_q and seqlen_k are required when block_indices is a tensor")
+    sq, sk = _check_int("seqlen_q", seqlen_q, lo=0), _check_int("seqlen_k", seqlen_k, lo=0)
+    qb, kb = _block_sizes(block_size)
+    nqb, nkb = -(-sq // qb), -(-sk // kb)
+    if lists.dtype != torch.int32:
+        raise TypeError(f"block_indices must be int32, got {lists.dtype}")
+    if lists.shape[2] != nqb:
+        raise ValueError(
+            f"block_indices.shape[2] must be {nqb} (query blocks: ceil({sq} / {qb})), got shape {tuple(lists.shape)}"
+        )
+    if validate:
+        _check_index_values("block_indices", lists, nkb)
+    if num_blocks is not None:
+        check_tensor("num_blocks", num_blocks, 3)
+        if num_blocks.dtype != torch.int32:
+            raise TypeError(f"num_blocks must be int32, got {num_blocks.dtype}")
+        if num_blocks.device != lists.device:
+            raise ValueError(f"num_blocks must be on {lists.device} (like block_indices), got {num_blocks.device}")
+        if (
+            tuple(num_blocks.shape[1:]) != tuple(lists.shape[1:3])
+            or 1 not in (num_blocks.shape[0], lists.shape[0])
+            and (num_blocks.shape[0] != lists.shape[0])
+        ):
+            raise ValueError(
+                f"num_blocks must have shape [B or 1, {lists.shape[1]}, {nqb}], got {tuple(num_blocks.shape)}"
+            )
+        keep = torch.arange(lists.shape[-1], device=lists.device) < num_blocks.unsqueeze(-1)
+        lists = torch.where(keep, lists, torch.full_like(lists, -1))
+    lists = _sort_padded(lists)
+    path, kl, kc, ibq = _kernel_lists(lists, qb, kb, sq, sk, head_dim)
+    return BlockSparseLayout(lists, qb, kb, sq, sk, path, kl, kc, ibq)
+
+
+def block_sparse_layout(
+    block_indices: torch.Tensor | Any,
+    block_size: int | tuple[int, int] | None = None,
+    *,
+    seqlen_q: int | None = None,
+    seqlen_k: int | None = None,
+    num_blocks: torch.Tensor | None = None,
+    validate: bool = True,
+) -> BlockSparseLayout:
+    """Prepare a block-sparse pattern once for many [`block_sparse_attention`][sparsek.sparse.block_sparse_attention]
+    calls.
+
+    Args:
+        block_indices: int32 ``[B or 1, H, ceil(seqlen_q / q_block), n]`` KV-block lists or a FlexAttention
+            ``BlockMask``, as in ``block_sparse_attention``.
+        block_size: ``q_block`` and ``kv_block`` (an int for both, or a pair); taken from the BlockMask if omitted.
+        seqlen_q: query length the pattern is for (taken from the BlockMask's ``seq_lengths`` if omitted).
+        seqlen_k: key length (likewise).
+        num_blocks: int32 ``[B or 1, H, ceil(seqlen_q / q_block)]`` valid entries per list (tensor lists only).
+        validate: check ranges and repeats here (one device sync); calls with the layout never check again.
+
+    Returns:
+        A [`BlockSparseLayout`][sparsek.sparse.BlockSparseLayout] on the lists' device.
+
+    ```python
+    layout = sparsek.block_sparse_layout(block_mask)  # once
+    out = sparsek.block_sparse_attention(q, k, v, layout, causal=True)  # every layer, every step
+    ```
+    """
+    return _build_layout(block_indices, block_size, seqlen_q, seqlen_k, num_blocks, validate, head_dim=128)
+
+
 def block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    block_indices: torch.Tensor | Any,
+    block_indices: torch.Tensor | BlockSparseLayout | Any,
     block_size: int | tuple[int, int] | None = None,
     *,
     num_blocks: torch.Tensor | None = None,
@@ -630,8 +798,9 @@ def block_sparse_attention(
         v: ``[B, Sk, Hkv, D]``.
         block_indices: int32 ``[B or 1, H, ceil(Sq / q_block), n]`` KV-block indices per query block (FlexAttention's
             ``kv_indices``; ``H`` is 1, ``Hkv`` or ``Hq``; per-query-head lists with GQA expand K/V to ``Hq`` heads),
-            or a ``torch.nn.attention.flex_attention.BlockMask`` (its partial **and** full blocks are used; its
-            ``BLOCK_SIZE`` gives the block sizes).
+            a ``torch.nn.attention.flex_attention.BlockMask`` (its partial **and** full blocks are used; its
+            ``BLOCK_SIZE`` gives the block sizes), or a [`BlockSparseLayout`][sparsek.sparse.BlockSparseLayout]
+            prepared by [`block_sparse_layout`][sparsek.sparse.block_sparse_layout] (no preparation per call).
         block_size: ``q_block`` and ``kv_block`` (an int for both, or a pair); taken from the BlockMask if omitted.
         num_blocks: int32 ``[B or 1, H, ceil(Sq / q_block)]``: only the first ``num_blocks`` entries of each list
             are used (FlexAttention's ``kv_num_blocks``); without it every non-negative entry is used.
@@ -641,7 +810,8 @@ def block_sparse_attention(
             is not evaluated.
         scale: softmax scale, default ``D ** -0.5``.
         return_lse: also return the float32 LSE ``[B, Hq, Sq]``.
-        validate: host-side check of the block indices (range, repeats; one device sync).
+        validate: host-side check of the block indices (range, repeats; one device sync). A layout was checked
+            when it was built.
 
     Returns:
         The output ``[B, Sq, Hq, D]`` and the LSE if ``return_lse``.
@@ -653,72 +823,48 @@ def block_sparse_attention(
     _check_attn_inputs(q, k, v)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    b, sq, hq, _ = q.shape
+    b, sq, hq, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
-    if isinstance(block_indices, torch.Tensor):
-        if block_size is None:
-            raise ValueError("block_size is required when block_indices is a tensor")
-        lists = block_indices
-    elif hasattr(block_indices, "kv_indices") and hasattr(block_indices, "BLOCK_SIZE"):
-        if num_blocks is not None:
-            raise ValueError("num_blocks must not be given with a BlockMask (it carries its own counts)")
-        lists, bm_bs = _blockmask_lists(block_indices)
-        if (
-            block_size is not None
-            and tuple(block_size if isinstance(block_size, tuple) else (block_size,) * 2) != bm_bs
-        ):
-            raise ValueError(f"block_size={block_size} disagrees with the BlockMask's BLOCK_SIZE {bm_bs}")
-        block_size = bm_bs
-        lists = lists.to(q.device)
-    else:
-        raise TypeError(f"block_indices must be an int32 tensor or a BlockMask, got {type(block_indices).__name__}")
-    if isinstance(block_size, int):
-        qb, kb = block_size, block_size
-    elif isinstance(block_size, (tuple, list)) and len(block_size) == 2:
-        qb, kb = block_size
-    else:
-        raise ValueError(f"block_size must be an int or a (q_block, kv_block) pair, got {block_size!r}")
-    _check_int("block_size (q_block)", qb, lo=1)
-    _check_int("block_size (kv_block)", kb, lo=1)
-    nqb, nkb = -(-sq // qb), -(-sk // kb)
-    lists = _check_index_tensor("block_indices", lists, b, (1, hk, hq), nqb, nkb, q.device, validate)
-    if num_blocks is not None:
-        check_tensor("num_blocks", num_blocks, 3)
-        if num_blocks.dtype != torch.int32:
-            raise TypeError(f"num_blocks must be int32, got {num_blocks.dtype}")
-        if tuple(num_blocks.shape[1:]) != tuple(lists.shape[1:3]) or num_blocks.shape[0] not in (1, b):
+    if isinstance(block_indices, BlockSparseLayout):
+        if block_size is not None or num_blocks is not None:
+            raise ValueError("block_size and num_blocks must not be given with a BlockSparseLayout (it carries them)")
+        layout = block_indices
+        if (layout.seqlen_q, layout.seqlen_k) != (sq, sk):
             raise ValueError(
-                f"num_blocks must have shape [B or 1, {lists.shape[1]}, {nqb}], got {tuple(num_blocks.shape)}"
+                f"block_indices is a layout for seqlen_q={layout.seqlen_q}, seqlen_k={layout.seqlen_k}; "
+                f"q and k have {sq} and {sk}"
             )
-        keep = torch.arange(lists.shape[-1], device=lists.device) < num_blocks.unsqueeze(-1)
-        lists = torch.where(keep, lists, torch.full_like(lists, -1))
-    scale = check_scale(scale, q.shape[-1])
+    else:
+        layout = _build_layout(block_indices, block_size, sq, sk, num_blocks, validate, head_dim=d, device=q.device)
+    lists = layout.block_lists
+    if lists.device != q.device:
+        raise ValueError(f"block_indices must be on {q.device} (like q), got {lists.device}")
+    if lists.shape[0] not in (1, b):
+        raise ValueError(f"block_indices.shape[0] must be the batch size {b} (or 1), got shape {tuple(lists.shape)}")
+    if lists.shape[1] not in (1, hk, hq):
+        raise ValueError(f"block_indices.shape[1] must be one of {(1, hk, hq)} (heads), got shape {tuple(lists.shape)}")
+    scale = check_scale(scale, d)
+    path, kl, kc, ibq = layout.path, layout.kernel_lists, layout.kernel_counts, layout.kernel_block_q
+    if path != "per-query" and d == 256 and ibq != 64:  # a layout prepares 128-query tiles; head dim 256 takes 64
+        path, kl, kc, ibq = _kernel_lists(lists, layout.q_block, layout.kv_block, sq, sk, d)
     hm = lists.shape[1]
     if hm == hq and hq != hk:
         k = k.repeat_interleave(hq // hk, dim=2)
         v = v.repeat_interleave(hq // hk, dim=2)
-    elif hm == 1 and hk != 1:
-        lists = lists.expand(-1, hk, -1, -1)
-    if qb % 64 == 0 and kb % 64 == 0:  # runs of kb keys go to the FMHA kernel without expanding them to tokens
+    heads = hq if hm == hq else hk
+    if kl.shape[:2] != (b, heads):  # views; the op makes them contiguous
+        kl = kl.expand(b, heads, -1, -1)
+        kc = kc.expand(b, heads, -1) if kc is not None else None
+    wr = 0 if causal else -1
+    if path == "runs":
         _check_kernel_head_dim(q, INDEX_KERNEL_HEAD_DIMS, "FMHA index-list")
-        # Few small ops (on a slow host each costs ~10-20 us): padding sorts last, and its start (-kb) stays negative.
-        starts, ibq = _reblock_fmha(_sort_padded(lists) * kb, qb, sq, q.shape[-1])
-        counts = (starts >= 0).sum(-1, dtype=torch.int32)  # sorted: valid entries come first
-        out, lse = torch.ops.sparsek.block_attn_fwd(
-            q, k, v, starts, counts, ibq, kb, scale, -1, 0 if causal else -1, return_lse
-        )
-        return (out, lse) if return_lse else out
-    tokens = _expand_blocks(_sort_padded(lists), kb, sk)
-    if qb % 64 == 0:
+        out, lse = torch.ops.sparsek.block_attn_fwd(q, k, v, kl, kc, ibq, layout.kv_block, scale, -1, wr, return_lse)
+    elif path == "tokens":
         _check_kernel_head_dim(q, INDEX_KERNEL_HEAD_DIMS, "FMHA index-list")
-        idx, counts, ibq = _shared_to_fmha(tokens, qb, 0, sq, sk, q.shape[-1])
-        out, lse = torch.ops.sparsek.index_attn_fwd(
-            q, k, v, idx, counts, ibq, scale, -1, 0 if causal else -1, return_lse
-        )
+        out, lse = torch.ops.sparsek.index_attn_fwd(q, k, v, kl, kc, ibq, scale, -1, wr, return_lse)
     else:
         _check_kernel_head_dim(q, TOPK_KERNEL_HEAD_DIMS, "top-k gather")
-        idx = _shared_to_per_query(tokens, qb, 0, sq, sk)
-        out, lse = torch.ops.sparsek.topk_attn_fwd(q, k, v, idx, scale, 0, causal, return_lse)
+        out, lse = torch.ops.sparsek.topk_attn_fwd(q, k, v, kl.contiguous(), scale, 0, causal, return_lse)
     return (out, lse) if return_lse else out
 
 

@@ -301,11 +301,13 @@ def block_mask_from_indices(
     Query block ``m`` sees KV blocks ``block_indices[b, h, m, :num_blocks[b, h, m]]`` (all non-negative entries when
     ``num_blocks`` is None).
     """
-    b, h, rows, n = block_indices.shape
+    n = block_indices.shape[-1]
     idx = block_indices.long()
     valid = idx >= 0
-    if num_blocks is not None:
+    if num_blocks is not None:  # may broadcast the lists over the batch
         valid = valid & (torch.arange(n, device=idx.device) < num_blocks.long().unsqueeze(-1))
+    b, h, rows, n = valid.shape
+    idx = idx.expand(b, h, rows, n)
     nkb = -(-seqlen_k // kv_block)
     blk = torch.zeros(b, h, rows, nkb + 1, dtype=torch.bool, device=idx.device)
     blk.scatter_(-1, torch.where(valid, idx.clamp(0, nkb), torch.full_like(idx, nkb)), True)
