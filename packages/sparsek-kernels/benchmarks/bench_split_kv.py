@@ -112,7 +112,9 @@ def main() -> None:
         )
         if ours is None:
             continue
-        pairs = b * h * (sq * sk - (sq * (sq - 1) // 2 if causal and sq == sk else 0))
+        # bottom-right causal: query i sees min(Sk, max(0, i + Sk - Sq + 1)) keys
+        seen = sum(min(sk, max(0, i + sk - sq + 1)) for i in range(sq)) if causal else sq * sk
+        pairs = b * h * seen
         tf = 4 * pairs * d / ours["us"] / 1e6
         fmt = lambda r: f"{r['us']:.2f}" if r else "-"  # noqa: E731
         ratio = f"{cu['us'] / ours['us']:.2f}x" if cu else "-"
