@@ -144,24 +144,29 @@ def fmha_fwd(
     semantics in ``csrc/sparsek_abi.h``; ``kv_index_run=R > 1`` makes every entry the start of R consecutive keys
     (R a multiple of 64). All tensors must be on ``q``'s device; no checks happen here.
     """
-    lib = load(q.device)
+    device = q.device
+    lib = load(device)
     paged = block_table is not None
-    if q.dim() == 4:
-        qb, qr, qh = q.stride(0), q.stride(1), q.stride(2)
-        ob, orr, oh = out.stride(0), out.stride(1), out.stride(2)
-        batch = q.shape[0]
+    # Stride and shape tuples once per tensor (each single-dimension query costs as much as the whole tuple).
+    qs, os_, ks, vs = q.stride(), out.stride(), k.stride(), v.stride()
+    qsh, ksh = q.shape, k.shape
+    if len(qsh) == 4:
+        qb, qr, qh = qs[0], qs[1], qs[2]
+        ob, orr, oh = os_[0], os_[1], os_[2]
+        batch = qsh[0]
     else:
-        qb, qr, qh = 0, q.stride(0), q.stride(1)
-        ob, orr, oh = 0, out.stride(0), out.stride(1)
+        qb, qr, qh = 0, qs[0], qs[1]
+        ob, orr, oh = 0, os_[0], os_[1]
         batch = cu_seqlens_q.shape[0] - 1
-    if k.dim() == 4:
-        kb, kr, kh = k.stride(0), k.stride(1), k.stride(2)
-        vb, vr, vh = v.stride(0), v.stride(1), v.stride(2)
+    if len(ksh) == 4:
+        kb, kr, kh = ks[0], ks[1], ks[2]
+        vb, vr, vh = vs[0], vs[1], vs[2]
     else:
-        kb, kr, kh = 0, k.stride(0), k.stride(1)
-        vb, vr, vh = 0, v.stride(0), v.stride(1)
+        kb, kr, kh = 0, ks[0], ks[1]
+        vb, vr, vh = 0, vs[0], vs[1]
     if lse is not None and lse.numel() > 0:
-        lb, lh = (lse.stride(0), lse.stride(1)) if lse.dim() == 3 else (0, lse.stride(0))
+        ls = lse.stride()
+        lb, lh = (ls[0], ls[1]) if len(ls) == 3 else (0, ls[0])
         lse_ptr = lse.data_ptr()
     else:
         lb = lh = 0
@@ -175,8 +180,8 @@ def fmha_fwd(
         index_block_q, 0,
         qb, qr, qh, kb, kr, kh, vb, vr, vh, ob, orr, oh, lb, lh,
         block_table.stride(0) if paged else 0,
-        batch, q.shape[-2], k.shape[-2], max_seqlen_q, max_seqlen_k, q.shape[-1],
-        k.shape[1] if paged else 0, window_left, window_right,
-        int(q.dtype == torch.bfloat16), scale * _LOG2E, q.shape[-3], k.shape[-3], kv_index_run, 0,
+        batch, qsh[-2], ksh[-2], max_seqlen_q, max_seqlen_k, qsh[-1],
+        ksh[1] if paged else 0, window_left, window_right,
+        int(q.dtype == torch.bfloat16), scale * _LOG2E, qsh[-3], ksh[-3], kv_index_run, 0,
     )  # fmt: skip
-    check(lib, lib.sk_fmha_fwd(p, current_stream(q.device)), "fmha forward")
+    check(lib, lib.sk_fmha_fwd(p, current_stream(device)), "fmha forward")

@@ -82,18 +82,19 @@ def attention(
     check_layout(layout)
     check_qkv(q, k, v, ndim=4)
     seq_dim, head_dim = (1, 2) if layout == "bshd" else (2, 1)
-    if not (q.shape[0] == k.shape[0] == v.shape[0]):
-        raise ValueError(f"q, k, v must have the same batch size, got {q.shape[0]}, {k.shape[0]}, {v.shape[0]}")
-    if k.shape[seq_dim] != v.shape[seq_dim]:
-        raise ValueError(f"k and v must have the same sequence length, got {k.shape[seq_dim]} and {v.shape[seq_dim]}")
-    check_heads(q.shape[head_dim], k.shape[head_dim], v.shape[head_dim])
+    qs, ks, vs = q.shape, k.shape, v.shape
+    if not (qs[0] == ks[0] == vs[0]):
+        raise ValueError(f"q, k, v must have the same batch size, got {qs[0]}, {ks[0]}, {vs[0]}")
+    if ks[seq_dim] != vs[seq_dim]:
+        raise ValueError(f"k and v must have the same sequence length, got {ks[seq_dim]} and {vs[seq_dim]}")
+    check_heads(qs[head_dim], ks[head_dim], vs[head_dim])
     _check_kernel_head_dim(q)
     left, right = normalize_window(window, causal)
-    scale = check_scale(scale, q.shape[-1])
+    scale = check_scale(scale, qs[-1])
     if layout == "bhsd":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     fmha = ops._fmha_fwd_cuda if _eager_cuda(q, k, v) else torch.ops.sparsek.fmha_fwd
-    out, lse = fmha(q, k, v, None, None, q.shape[1], k.shape[1], scale, left, right, return_lse)
+    out, lse = fmha(q, k, v, None, None, qs[seq_dim], ks[seq_dim], scale, left, right, return_lse)
     if layout == "bhsd":
         out = out.transpose(1, 2)
     return (out, lse) if return_lse else out
