@@ -16,6 +16,7 @@ implementations for ``torch.compile``). The public wrappers below validate their
 from __future__ import annotations
 
 import ctypes
+import struct
 import threading
 
 import torch
@@ -63,6 +64,13 @@ class SkPagedDecodeParams(ctypes.Structure):
     ]  # fmt: skip
 
 
+#: The two parameter structs as precompiled ``struct`` formats (packing is several times cheaper than building the
+#: ctypes structures, and both launchers run once per layer and step in a serving engine).
+CACHE_WRITE_PARAMS = struct.Struct(_lib._struct_format(SkCacheWriteParams._fields_))
+DECODE_PARAMS = struct.Struct(_lib._struct_format(SkPagedDecodeParams._fields_))
+assert CACHE_WRITE_PARAMS.size == ctypes.sizeof(SkCacheWriteParams), "SkCacheWriteParams packing disagrees"
+assert DECODE_PARAMS.size == ctypes.sizeof(SkPagedDecodeParams), "SkPagedDecodeParams packing disagrees"
+
 _ready: set[int] = set()
 _ready_lock = threading.Lock()
 
@@ -72,9 +80,9 @@ def _load(device: torch.device) -> ctypes.CDLL:
     lib = _lib.load(device)
     if id(lib) not in _ready:
         with _ready_lock:
-            lib.sk_reshape_and_cache.argtypes = [ctypes.POINTER(SkCacheWriteParams), _ptr]
+            lib.sk_reshape_and_cache.argtypes = [ctypes.c_char_p, _ptr]  # CACHE_WRITE_PARAMS-packed
             lib.sk_reshape_and_cache.restype = ctypes.c_int
-            lib.sk_paged_decode.argtypes = [ctypes.POINTER(SkPagedDecodeParams), _ptr]
+            lib.sk_paged_decode.argtypes = [ctypes.c_char_p, _ptr]  # DECODE_PARAMS-packed
             lib.sk_paged_decode.restype = ctypes.c_int
             lib.sk_paged_decode_workspace_floats.argtypes = [_i32, _i32, _i32, _i32]
             lib.sk_paged_decode_workspace_floats.restype = _i64
@@ -104,15 +112,15 @@ def _stream(device: torch.device) -> ctypes.c_void_p:
 
 
 def _launch_reshape_and_cache(key, value, key_cache, value_cache, slot_mapping) -> None:
-    lib = _load(key.device)
-    p = SkCacheWriteParams(
+    device = key.device
+    lib = _load(device)
+    ks, vs, kcs, vcs, ksh = key.stride(), value.stride(), key_cache.stride(), value_cache.stride(), key.shape
+    p = CACHE_WRITE_PARAMS.pack(
         key.data_ptr(), value.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(), slot_mapping.data_ptr(),
-        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
-        slot_mapping.shape[0], key.shape[1], key.shape[2], key_cache.shape[1], key.element_size(), 0,
+        ks[0], ks[1], vs[0], vs[1], kcs[0], kcs[1], kcs[2], vcs[0], vcs[1], vcs[2],
+        slot_mapping.shape[0], ksh[1], ksh[2], key_cache.shape[1], key.element_size(), 0,
     )  # fmt: skip
-    _check(lib, lib.sk_reshape_and_cache(ctypes.byref(p), _stream(key.device)), "reshape_and_cache")
+    _check(lib, lib.sk_reshape_and_cache(p, _stream(device)), "reshape_and_cache")
 
 
 def _paged_attention_cuda_impl(q, kc, vc, bt, cu_q, seq_lens, max_sq, max_sk, scale, wl, wr, num_decodes, out, lse):
@@ -127,7 +135,11 @@ def _paged_attention_cuda_impl(q, kc, vc, bt, cu_q, seq_lens, max_sq, max_sk, sc
     if nd > 0:
         lib = _load(q.device)
         splits = int(lib.sk_paged_decode_num_splits(nd, q.shape[1], kc.shape[2], max(int(max_sk), 1)))
-        _launch_decode_splits(lib, q, kc, vc, bt[:nd], seq_lens[:nd], cu_q[: nd + 1], out, lse, scale, wl, splits)
+        if nd < batch:  # decode requests come first; a decode-only batch (every decode step) needs no views
+            bt_d, sl_d, cu_d = bt[:nd], seq_lens[:nd], cu_q[: nd + 1]
+        else:
+            bt_d, sl_d, cu_d = bt, seq_lens, cu_q
+        _launch_decode_splits(lib, q, kc, vc, bt_d, sl_d, cu_d, out, lse, scale, wl, splits)
     if nd < batch:
         _lib.fmha_fwd(
             q, kc, vc, out, lse if want_lse else None,
@@ -137,22 +149,24 @@ def _paged_attention_cuda_impl(q, kc, vc, bt, cu_q, seq_lens, max_sq, max_sk, sc
 
 
 def _launch_decode_splits(lib, q, kc, vc, bt, seq_lens, cu_q, out, lse, scale, window_left, splits) -> None:
-    batch, hq, d = seq_lens.shape[0], q.shape[1], q.shape[2]
+    device = q.device
+    qsh, kcsh = q.shape, kc.shape
+    batch, hq, d = seq_lens.shape[0], qsh[1], qsh[2]
     ws_n = int(lib.sk_paged_decode_workspace_floats(batch, hq, d, splits))
-    ws = torch.empty(ws_n, dtype=torch.float32, device=q.device) if ws_n else None
-    o_part = ws.data_ptr() if ws is not None else None
-    l_part = ws.data_ptr() + batch * splits * hq * d * 4 if ws is not None else None
+    ws = torch.empty(ws_n, dtype=torch.float32, device=device) if ws_n else None
+    o_part = ws.data_ptr() if ws is not None else 0
+    l_part = ws.data_ptr() + batch * splits * hq * d * 4 if ws is not None else 0
     want_lse = lse.numel() > 0
-    p = SkPagedDecodeParams(
-        q.data_ptr(), kc.data_ptr(), vc.data_ptr(), out.data_ptr(), lse.data_ptr() if want_lse else None,
+    qs, os_, kcs, vcs = q.stride(), out.stride(), kc.stride(), vc.stride()
+    p = DECODE_PARAMS.pack(
+        q.data_ptr(), kc.data_ptr(), vc.data_ptr(), out.data_ptr(), lse.data_ptr() if want_lse else 0,
         bt.data_ptr(), seq_lens.data_ptr(), cu_q.data_ptr(), o_part, l_part,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
+        qs[0], qs[1], os_[0], os_[1], kcs[0], kcs[1], kcs[2], vcs[0], vcs[1], vcs[2],
         bt.stride(0), lse.stride(0) if want_lse else 0,
-        batch, hq, kc.shape[2], d, kc.shape[1], window_left, splits, int(q.dtype == torch.bfloat16),
+        batch, hq, kcsh[2], d, kcsh[1], window_left, splits, int(q.dtype == torch.bfloat16),
         float(scale), 0,
     )  # fmt: skip
-    _check(lib, lib.sk_paged_decode(ctypes.byref(p), _stream(q.device)), "paged decode")
+    _check(lib, lib.sk_paged_decode(p, _stream(device)), "paged decode")
 
 
 # ---- torch.library registration -----------------------------------------------------------------------------------
