@@ -87,3 +87,13 @@ def test_varlen_requires_3d():
     cu = torch.tensor([0, 10], dtype=torch.int32)
     with pytest.raises(ValueError, match="q must have 3 dimensions"):
         sparsek.varlen_attention(q, q, q, cu, cu, 10, 10)
+
+
+def test_varlen_validate_false_trusts_cu_seqlens():
+    """Same result without the host check; the bad-value cases above all come from the checked default."""
+    args = _varlen_args()
+    assert torch.equal(sparsek.varlen_attention(*args), sparsek.varlen_attention(*args, validate=False))
+    bad = list(args)
+    bad[5] = 4  # max_seqlen_q smaller than a sequence: only the host check can tell
+    with pytest.raises(ValueError, match="max_seqlen_q/max_seqlen_k"):
+        sparsek.varlen_attention(*bad)

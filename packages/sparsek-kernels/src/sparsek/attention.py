@@ -113,6 +113,7 @@ def varlen_attention(
     scale: float | None = None,
     window: tuple[int, int] | None = None,
     return_lse: bool = False,
+    validate: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention over a packed batch of variable-length sequences (FlashAttention's ``varlen`` convention).
 
@@ -128,9 +129,12 @@ def varlen_attention(
         scale: softmax scale, default ``head_dim ** -0.5``.
         window: ``(left, right)`` sliding window, as in [`attention`][sparsek.attention.attention].
         return_lse: also return the LSE, float32 ``[heads_q, total_q]``.
+        validate: check the cu_seqlens values on the host (one device sync for both tensors; skipped anyway while a
+            CUDA graph is captured or ``torch.compile`` traces). ``False`` trusts them, as FlashAttention does: for
+            serving loops that build them correctly and cannot afford the sync; wrong values are then undefined
+            behaviour.
 
-    Empty sequences are allowed. The cu_seqlens values are checked on the host, except while a CUDA graph is
-    captured or ``torch.compile`` traces (no device sync is allowed there).
+    Empty sequences are allowed.
     """
     check_qkv(q, k, v, ndim=3)
     if k.shape[0] != v.shape[0]:
@@ -149,9 +153,14 @@ def varlen_attention(
     for name, n in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if int(n) < 0:
             raise ValueError(f"{name} must be >= 0, got {n}")
-    if not _capturing_or_compiling():
-        lens_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
-        lens_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+    if validate and not _capturing_or_compiling():
+        for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+            if cu.device != q.device:
+                raise ValueError(f"{name} must be on {q.device}, got {cu.device}")
+        both = torch.cat([cu_seqlens_q, cu_seqlens_k]).cpu()  # one device sync for both
+        n = cu_seqlens_q.shape[0]
+        lens_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device, host=both[:n])
+        lens_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device, host=both[n:])
         if lens_q > max_seqlen_q or lens_k > max_seqlen_k:
             raise ValueError(
                 f"max_seqlen_q/max_seqlen_k ({max_seqlen_q}, {max_seqlen_k}) are smaller than the longest "
