@@ -168,6 +168,35 @@ def test_block_sparse_blockmask(causal, block):
     _check(out, lse, ref_out, ref_lse, torch.bfloat16)
 
 
+@pytest.mark.parametrize("qb,kb,hm", [(128, 128, 1), (128, 128, 4), (256, 128, 8), (128, 48, 4), (32, 32, 4)])
+def test_block_sparse_layout_equals_the_direct_call(qb, kb, hm):
+    """A prepared layout runs the same kernel on the same lists as the direct call (runs, token lists, gather), also
+    inside a CUDA graph."""
+    sq, sk, hq, hk = 700, 900, 8, 4
+    nqb, nkb = -(-sq // qb), -(-sk // kb)
+    gen = torch.Generator(device=DEV).manual_seed(qb + kb + hm)
+    lists = torch.rand(1, hm, nqb, nkb, device=DEV, generator=gen).argsort(-1)[..., :5].to(torch.int32)
+    nb = torch.randint(1, 6, (2, hm, nqb), device=DEV, dtype=torch.int32, generator=gen)
+    q, k, v = _qkv(2, sq, sk, hq, hk, 128, torch.bfloat16, seed=hm)
+    layout = sparse.block_sparse_layout(lists, (qb, kb), seqlen_q=sq, seqlen_k=sk, num_blocks=nb)
+    for causal in (False, True):
+        direct = sparse.block_sparse_attention(q, k, v, lists, (qb, kb), num_blocks=nb, causal=causal)
+        out = sparse.block_sparse_attention(q, k, v, layout, causal=causal)
+        assert torch.equal(out, direct)
+    ref = R.block_sparse_attention_ref(q.float(), k.float(), v.float(), lists, (qb, kb), num_blocks=nb, causal=True)
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        sparse.block_sparse_attention(q, k, v, layout, causal=True)
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(g):
+        graphed = sparse.block_sparse_attention(q, k, v, layout, causal=True)
+    g.replay()
+    torch.cuda.synchronize()
+    assert rel_error(graphed, ref) <= tolerance(torch.bfloat16)
+
+
 def test_sparsek_attention_torch_compile():
     q, k, v = _qkv(1, 512, 512, 4, 2, 64, torch.bfloat16)
     u = torch.randn(1, 2, 512, device=DEV)
