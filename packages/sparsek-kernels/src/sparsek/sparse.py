@@ -626,7 +626,8 @@ class BlockSparseLayout:
     Build it with [`block_sparse_layout`][sparsek.sparse.block_sparse_layout] and pass it as ``block_indices`` to
     every call that shares the pattern (all layers of a model, every step): the calls then skip the list preparation
     and the host-side validation (FlashInfer's plan/run split; FlexAttention's ``BlockMask`` plays the same role).
-    It holds its own tensors, so changing the source lists afterwards does not change it.
+    It holds its own tensors, so changing the source lists afterwards does not change it. Build it outside CUDA-graph
+    capture (inside one, its tensors are only filled when the graph replays); a graph may then use it freely.
 
     Attributes:
         block_lists: int32 ``[B or 1, H, ceil(seqlen_q / q_block), n]`` KV-block lists, valid entries first,
