@@ -97,3 +97,7 @@ def test_varlen_validate_false_trusts_cu_seqlens():
     bad[5] = 4  # max_seqlen_q smaller than a sequence: only the host check can tell
     with pytest.raises(ValueError, match="max_seqlen_q/max_seqlen_k"):
         sparsek.varlen_attention(*bad)
+    empty = list(args)
+    empty[3] = empty[4] = torch.zeros(0, dtype=torch.int32)  # form checks run without the host copy too
+    with pytest.raises(ValueError, match="cu_seqlens_q must have at least one element"):
+        sparsek.varlen_attention(*empty, validate=False)

@@ -102,22 +102,12 @@ def check_layout(layout: str) -> str:
     return layout
 
 
-def check_cu_seqlens(
-    name: str, cu: torch.Tensor, total: int, device: torch.device, host: torch.Tensor | None = None
-) -> int:
-    """cu_seqlens: int32, 1-D, on the same device, starts at 0, non-decreasing, ends at ``total``.
+def check_cu_seqlens(name: str, host: torch.Tensor, total: int) -> int:
+    """Values of a cu_seqlens tensor from its CPU copy ``host``: starts at 0, non-decreasing, ends at ``total``.
 
-    Returns the longest sequence length. ``host``: a CPU copy of ``cu`` already fetched (e.g. one copy for both
-    cu_seqlens tensors); otherwise ``cu`` is copied here (one device sync).
+    The caller checks the form (1-D int32 on the right device, at least one element) without a device sync and
+    copies the values to the host once for both cu_seqlens tensors. Returns the longest sequence length.
     """
-    check_tensor(name, cu, 1)
-    if cu.dtype != torch.int32:
-        raise TypeError(f"{name} must be int32, got {cu.dtype}")
-    if cu.device != device:
-        raise ValueError(f"{name} must be on {device}, got {cu.device}")
-    if cu.numel() < 1:
-        raise ValueError(f"{name} must have at least one element (batch + 1)")
-    host = cu.cpu() if host is None else host
     if int(host[0]) != 0:
         raise ValueError(f"{name} must start at 0, got {int(host[0])}")
     if bool((host[1:] < host[:-1]).any()):

@@ -145,6 +145,10 @@ def varlen_attention(
         check_tensor(name, cu, 1)
         if cu.dtype != torch.int32:
             raise TypeError(f"{name} must be int32, got {cu.dtype}")
+        if cu.device != q.device:
+            raise ValueError(f"{name} must be on {q.device}, got {cu.device}")
+        if cu.numel() < 1:
+            raise ValueError(f"{name} must have at least one element (batch + 1)")
     if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0]:
         raise ValueError(
             f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), "
@@ -154,13 +158,10 @@ def varlen_attention(
         if int(n) < 0:
             raise ValueError(f"{name} must be >= 0, got {n}")
     if validate and not _capturing_or_compiling():
-        for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-            if cu.device != q.device:
-                raise ValueError(f"{name} must be on {q.device}, got {cu.device}")
         both = torch.cat([cu_seqlens_q, cu_seqlens_k]).cpu()  # one device sync for both
         n = cu_seqlens_q.shape[0]
-        lens_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device, host=both[:n])
-        lens_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device, host=both[n:])
+        lens_q = check_cu_seqlens("cu_seqlens_q", both[:n], q.shape[0])
+        lens_k = check_cu_seqlens("cu_seqlens_k", both[n:], k.shape[0])
         if lens_q > max_seqlen_q or lens_k > max_seqlen_k:
             raise ValueError(
                 f"max_seqlen_q/max_seqlen_k ({max_seqlen_q}, {max_seqlen_k}) are smaller than the longest "

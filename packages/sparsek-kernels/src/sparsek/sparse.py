@@ -87,22 +87,33 @@ def _check_index_tensor(
     name: str, idx: object, batch: int, heads: tuple[int, ...], rows: int, hi: int, device: torch.device, validate: bool
 ) -> torch.Tensor:
     """int32 ``[B or 1, H, rows, n]`` on ``device`` with values in ``[-1, hi)`` (host check) and no repeats."""
-    idx = check_tensor(name, idx, 4)
-    if idx.dtype != torch.int32:
-        raise TypeError(f"{name} must be int32, got {idx.dtype}")
-    if idx.device != device:
-        raise ValueError(f"{name} must be on {device} (like q), got {idx.device}")
-    if idx.shape[0] not in (1, batch):
-        raise ValueError(f"{name}.shape[0] must be the batch size {batch} (or 1), got shape {tuple(idx.shape)}")
-    if idx.shape[1] not in heads:
-        raise ValueError(f"{name}.shape[1] must be one of {heads} (heads), got shape {tuple(idx.shape)}")
-    if idx.shape[2] != rows:
-        raise ValueError(f"{name}.shape[2] must be {rows} (query rows or blocks), got shape {tuple(idx.shape)}")
+    idx = _check_index_form(name, idx, rows, device)
+    _check_index_owners(name, idx, batch, heads)
     if validate:
         _check_index_values(name, idx, hi)
     if idx.shape[0] != batch:
         idx = idx.expand(batch, -1, -1, -1)
     return idx
+
+
+def _check_index_form(name: str, idx: object, rows: int, device: torch.device | None) -> torch.Tensor:
+    """A 4-D int32 tensor (on ``device`` when given) with ``rows`` lists in dim 2."""
+    idx = check_tensor(name, idx, 4)
+    if idx.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {idx.dtype}")
+    if device is not None and idx.device != device:
+        raise ValueError(f"{name} must be on {device} (like q), got {idx.device}")
+    if idx.shape[2] != rows:
+        raise ValueError(f"{name}.shape[2] must be {rows} (query rows or blocks), got shape {tuple(idx.shape)}")
+    return idx
+
+
+def _check_index_owners(name: str, idx: torch.Tensor, batch: int, heads: tuple[int, ...]) -> None:
+    """Dim 0 is the batch (or 1), dim 1 one of the allowed head counts."""
+    if idx.shape[0] not in (1, batch):
+        raise ValueError(f"{name}.shape[0] must be the batch size {batch} (or 1), got shape {tuple(idx.shape)}")
+    if idx.shape[1] not in heads:
+        raise ValueError(f"{name}.shape[1] must be one of {heads} (heads), got shape {tuple(idx.shape)}")
 
 
 def _check_index_values(name: str, idx: torch.Tensor, hi: int) -> None:
@@ -693,9 +704,7 @@ def _build_layout(
     if isinstance(block_indices, torch.Tensor):
         if block_size is None:
             raise ValueError("block_size is required when block_indices is a tensor")
-        lists = check_tensor("block_indices", block_indices, 4)
-        if device is not None and lists.device != device:
-            raise ValueError(f"block_indices must be on {device} (like q), got {lists.device}")
+        lists = block_indices
     elif hasattr(block_indices, "kv_indices") and hasattr(block_indices, "BLOCK_SIZE"):
         if num_blocks is not None:
             raise ValueError("num_blocks must not be given with a BlockMask (it carries its own counts)")
@@ -717,12 +726,7 @@ def _build_layout(
     sq, sk = _check_int("seqlen_q", seqlen_q, lo=0), _check_int("seqlen_k", seqlen_k, lo=0)
     qb, kb = _block_sizes(block_size)
     nqb, nkb = -(-sq // qb), -(-sk // kb)
-    if lists.dtype != torch.int32:
-        raise TypeError(f"block_indices must be int32, got {lists.dtype}")
-    if lists.shape[2] != nqb:
-        raise ValueError(
-            f"block_indices.shape[2] must be {nqb} (query blocks: ceil({sq} / {qb})), got shape {tuple(lists.shape)}"
-        )
+    lists = _check_index_form("block_indices", lists, nqb, device)
     if validate:
         _check_index_values("block_indices", lists, nkb)
     if num_blocks is not None:
@@ -731,11 +735,8 @@ def _build_layout(
             raise TypeError(f"num_blocks must be int32, got {num_blocks.dtype}")
         if num_blocks.device != lists.device:
             raise ValueError(f"num_blocks must be on {lists.device} (like block_indices), got {num_blocks.device}")
-        if (
-            tuple(num_blocks.shape[1:]) != tuple(lists.shape[1:3])
-            or 1 not in (num_blocks.shape[0], lists.shape[0])
-            and (num_blocks.shape[0] != lists.shape[0])
-        ):
+        batches_match = num_blocks.shape[0] == lists.shape[0] or 1 in (num_blocks.shape[0], lists.shape[0])
+        if tuple(num_blocks.shape[1:]) != tuple(lists.shape[1:3]) or not batches_match:
             raise ValueError(
                 f"num_blocks must have shape [B or 1, {lists.shape[1]}, {nqb}], got {tuple(num_blocks.shape)}"
             )
@@ -840,10 +841,7 @@ def block_sparse_attention(
     lists = layout.block_lists
     if lists.device != q.device:
         raise ValueError(f"block_indices must be on {q.device} (like q), got {lists.device}")
-    if lists.shape[0] not in (1, b):
-        raise ValueError(f"block_indices.shape[0] must be the batch size {b} (or 1), got shape {tuple(lists.shape)}")
-    if lists.shape[1] not in (1, hk, hq):
-        raise ValueError(f"block_indices.shape[1] must be one of {(1, hk, hq)} (heads), got shape {tuple(lists.shape)}")
+    _check_index_owners("block_indices", lists, b, (1, hk, hq))
     scale = check_scale(scale, d)
     path, kl, kc, ibq = layout.path, layout.kernel_lists, layout.kernel_counts, layout.kernel_block_q
     if path != "per-query" and d == 256 and ibq != 64:  # a layout prepares 128-query tiles; head dim 256 takes 64
