@@ -168,3 +168,35 @@ def test_eager_fast_path_matches_the_op():
     out, lse = sparsek.attention(q, k, v, causal=True, return_lse=True)
     ref_out, ref_lse = torch.ops.sparsek.fmha_fwd(q, k, v, None, None, 300, 300, 64**-0.5, -1, 0, True)
     assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_tensors_on_a_device_that_is_not_current():
+    """Every kernel family runs on cuda:1 while cuda:0 is current (layers spread over GPUs in one process)."""
+    from sparsek.reference.paged import paged_decode_ref, reshape_and_cache_ref
+
+    torch.cuda.set_device(0)
+    dev = torch.device("cuda", 1)
+    q, k, v = (torch.randn(2, 300, 4, 128, device=dev, dtype=torch.bfloat16) for _ in range(3))
+    for causal in (False, True):
+        out = sparsek.attention(q, k, v, causal=causal)
+        assert out.device == dev
+        assert rel_error(out, attention_ref(q.float(), k.float(), v.float(), causal=causal)) < tolerance(q.dtype)
+    idx = torch.randint(0, 300, (2, 4, 300, 16), device=dev, dtype=torch.int32)
+    out = sparsek.topk_attention(q, k, v, idx)
+    ref = sparsek.topk_attention(q.cpu().float(), k.cpu().float(), v.cpu().float(), idx.cpu())
+    assert rel_error(out.cpu(), ref) < tolerance(q.dtype)
+    kc = torch.zeros(8, 16, 4, 128, device=dev, dtype=torch.bfloat16)
+    vc = torch.zeros_like(kc)
+    slots = torch.randperm(128, device=dev)[:100]
+    kn, vn = (torch.randn(100, 4, 128, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    sparsek.reshape_and_cache(kn, vn, kc, vc, slots)
+    kr, vr = torch.zeros_like(kc), torch.zeros_like(vc)
+    reshape_and_cache_ref(kn, vn, kr, vr, slots)
+    assert torch.equal(kc, kr) and torch.equal(vc, vr)
+    qd = torch.randn(2, 4, 128, device=dev, dtype=torch.bfloat16)
+    bt = torch.tensor([[3, 0, 7, 5], [1, 2, 4, 6]], device=dev, dtype=torch.int32)
+    lens = torch.tensor([50, 64], device=dev, dtype=torch.int32)
+    out = sparsek.paged_decode(qd, kc, vc, bt, lens, 64)
+    assert rel_error(out, paged_decode_ref(qd, kc, vc, bt, lens)) < tolerance(qd.dtype)
+    assert torch.cuda.current_device() == 0

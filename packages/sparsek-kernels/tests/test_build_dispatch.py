@@ -200,3 +200,14 @@ def test_nothing_compiled_at_import():
     env = dict(os.environ, SPARSEK_CACHE_DIR="/nonexistent/sparsek-cache")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_launches_make_the_tensors_device_current(monkeypatch):
+    """With several GPUs, a launch for a tensor on another GPU than the current one switches devices around it."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    same = _lib.on_device(torch.device("cuda", 0))
+    assert same is _lib.on_device(torch.device("cuda")) is _lib.on_device(torch.device("cpu"))
+    with same:  # a reusable no-op
+        pass
+    other = _lib.on_device(torch.device("cuda", 1))
+    assert isinstance(other, torch.cuda.device) and other.idx == 1

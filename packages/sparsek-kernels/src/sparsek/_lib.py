@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import os
@@ -105,6 +106,20 @@ def current_stream(device: torch.device) -> ctypes.c_void_p:
     return ctypes.c_void_p(torch._C._cuda_getCurrentRawStream(index))
 
 
+_SAME_DEVICE = contextlib.nullcontext()
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Context in which ``device`` is the current CUDA device, as the kernel launchers expect.
+
+    A process may drive several GPUs while another one is current (e.g. layers spread over GPUs); the launchers read
+    the SM count and set kernel attributes on the current device, and launch on ``device``'s stream.
+    """
+    if device.type != "cuda" or device.index is None:
+        return _SAME_DEVICE
+    return _SAME_DEVICE if device.index == torch.cuda.current_device() else torch.cuda.device(device.index)
+
+
 def check(lib: ctypes.CDLL, code: int, what: str) -> None:
     """Raise ``RuntimeError`` with the CUDA error text when ``code`` is non-zero."""
     if code != 0:
@@ -184,4 +199,6 @@ def fmha_fwd(
         ksh[1] if paged else 0, window_left, window_right,
         int(q.dtype == torch.bfloat16), scale * _LOG2E, qsh[-3], ksh[-3], kv_index_run, 0,
     )  # fmt: skip
-    check(lib, lib.sk_fmha_fwd(p, current_stream(device)), "fmha forward")
+    with on_device(device):
+        code = lib.sk_fmha_fwd(p, current_stream(device))
+    check(lib, code, "fmha forward")

@@ -120,7 +120,9 @@ def _launch_reshape_and_cache(key, value, key_cache, value_cache, slot_mapping) 
         ks[0], ks[1], vs[0], vs[1], kcs[0], kcs[1], kcs[2], vcs[0], vcs[1], vcs[2],
         slot_mapping.shape[0], ksh[1], ksh[2], key_cache.shape[1], key.element_size(), 0,
     )  # fmt: skip
-    _check(lib, lib.sk_reshape_and_cache(p, _stream(device)), "reshape_and_cache")
+    with _lib.on_device(device):
+        code = lib.sk_reshape_and_cache(p, _stream(device))
+    _check(lib, code, "reshape_and_cache")
 
 
 def _paged_attention_cuda_impl(q, kc, vc, bt, cu_q, seq_lens, max_sq, max_sk, scale, wl, wr, num_decodes, out, lse):
@@ -134,7 +136,8 @@ def _paged_attention_cuda_impl(q, kc, vc, bt, cu_q, seq_lens, max_sq, max_sk, sc
     nd = batch if max_sq <= 1 else min(max(int(num_decodes), 0), batch)
     if nd > 0:
         lib = _load(q.device)
-        splits = int(lib.sk_paged_decode_num_splits(nd, q.shape[1], kc.shape[2], max(int(max_sk), 1)))
+        with _lib.on_device(q.device):  # the split count depends on the device's SM count
+            splits = int(lib.sk_paged_decode_num_splits(nd, q.shape[1], kc.shape[2], max(int(max_sk), 1)))
         if nd < batch:  # decode requests come first; a decode-only batch (every decode step) needs no views
             bt_d, sl_d, cu_d = bt[:nd], seq_lens[:nd], cu_q[: nd + 1]
         else:
@@ -166,7 +169,9 @@ def _launch_decode_splits(lib, q, kc, vc, bt, seq_lens, cu_q, out, lse, scale, w
         batch, hq, kcsh[2], d, kcsh[1], window_left, splits, int(q.dtype == torch.bfloat16),
         float(scale), 0,
     )  # fmt: skip
-    _check(lib, lib.sk_paged_decode(p, _stream(device)), "paged decode")
+    with _lib.on_device(device):
+        code = lib.sk_paged_decode(p, _stream(device))
+    _check(lib, code, "paged decode")
 
 
 # ---- torch.library registration -----------------------------------------------------------------------------------

@@ -244,10 +244,11 @@ def _topk_select_cuda(scores, k, num_rows, off, step):
         s = s.contiguous()
     b, h, sk = s.shape[0], s.shape[1], s.shape[-1]
     row_stride = s.stride(2) if s.dim() == 4 else 0
-    code = lib.sk_topk_select(
-        s.data_ptr(), s.stride(0), s.stride(1), row_stride, b, h, num_rows, sk, k, off, step,
-        idx.data_ptr(), cnt.data_ptr(), _stream(s.device),
-    )  # fmt: skip
+    with _lib.on_device(s.device):
+        code = lib.sk_topk_select(
+            s.data_ptr(), s.stride(0), s.stride(1), row_stride, b, h, num_rows, sk, k, off, step,
+            idx.data_ptr(), cnt.data_ptr(), _stream(s.device),
+        )  # fmt: skip
     _lib.check(lib, code, "top-k selection")
     return idx, cnt
 
@@ -304,7 +305,9 @@ def _topk_attn_cuda(q, k, v, indices, scale, window, causal, return_lse):
         q.shape[0], q.shape[2], k.shape[2], q.shape[1], k.shape[1], q.shape[3], indices.shape[3],
         window, int(causal), int(q.dtype == torch.bfloat16), scale * _lib._LOG2E, 0,
     )  # fmt: skip
-    _lib.check(lib, lib.sk_topk_attn_fwd(ctypes.byref(p), _stream(q.device)), "top-k attention")
+    with _lib.on_device(q.device):
+        code = lib.sk_topk_attn_fwd(ctypes.byref(p), _stream(q.device))
+    _lib.check(lib, code, "top-k attention")
     return out, lse
 
 

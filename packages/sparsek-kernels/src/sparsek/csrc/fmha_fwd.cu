@@ -1,13 +1,12 @@
 // Host-side dispatch of the FMHA forward kernel: validates what Python cannot, picks the tile configuration,
-// raises the dynamic shared-memory limit once per instantiation and launches on the caller's stream.
+// raises the dynamic shared-memory limit once per instantiation and device and launches on the caller's stream.
 #include <cuda_runtime.h>
 
 #include <climits>
 #include <cstdlib>
-#include <mutex>
-
 #include <cudaTypedefs.h>
 
+#include "device_info.cuh"
 #include "fmha_kernel.cuh"
 #include "fmha_sm90.cuh"
 
@@ -25,12 +24,8 @@ static cudaError_t launch(const SkFmhaParams& p, cudaStream_t stream) {
   using Tr = FmhaTraits<kD, kWarps, kMT, kBN, T>;
   constexpr int kBM = Tr::kBM;
   auto kernel = fmha_fwd_kernel<Tr>;
-  static std::once_flag once;
-  static cudaError_t attr_err = cudaSuccess;
-  std::call_once(once, [&] {
-    attr_err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
-  });
-  if (attr_err != cudaSuccess) return attr_err;
+  static std::atomic<uint64_t> smem_set{0};
+  if (const cudaError_t e = sparsek_device::allow_dynamic_smem(smem_set, (const void*)kernel, Tr::kSmemBytes)) return e;
   dim3 grid((p.seqlen_q + kBM - 1) / kBM, p.heads_q, p.batch);
   if (grid.x == 0 || grid.z == 0) return cudaSuccess;
   kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
@@ -53,16 +48,7 @@ static int tile_override() {
   return v;
 }
 
-static int num_sms() {
-  static int n = 0;
-  if (n == 0) {
-    int dev = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
-    if (n <= 0) n = 1;
-  }
-  return n;
-}
+static int num_sms() { return sparsek_device::num_sms(); }
 
 // ---- Hopper path ------------------------------------------------------------------------------------------------
 static PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
@@ -77,15 +63,7 @@ static PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
   return fn;
 }
 
-static int device_major() {
-  static int major = -1;
-  if (major < 0) {
-    int dev = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-  }
-  return major;
-}
+static int device_major() { return sparsek_device::major(); }
 
 // 4-D map over [batch, rows, heads, dim] (innermost first: dim, rows, heads, batch), 64-column boxes, 128B swizzle.
 static bool make_map(CUtensorMap* map, const void* ptr, bool bf16, int dim, int rows, int heads, int batch,
@@ -181,13 +159,9 @@ static bool try_launch_sm90(const SkFmhaParams& p, cudaStream_t stream, cudaErro
                 p.v_head_stride, p.v_batch_stride, kBN))
     return false;
   auto kernel = sm90::fmha_sm90_kernel<Tr>;
-  static std::once_flag once;
-  static cudaError_t attr_err = cudaSuccess;
-  std::call_once(once, [&] {
-    attr_err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
-  });
-  if (attr_err != cudaSuccess) {
-    *err = attr_err;
+  static std::atomic<uint64_t> smem_set{0};
+  if (const cudaError_t e = sparsek_device::allow_dynamic_smem(smem_set, (const void*)kernel, Tr::kSmemBytes)) {
+    *err = e;
     return true;
   }
   // Persistent grid (one CTA per SM, each looping over work tiles) when every tile costs the same; with a causal
@@ -211,15 +185,20 @@ static bool try_launch_sm90(const SkFmhaParams& p, cudaStream_t stream, cudaErro
   cfg.attrs = attr;
   cfg.numAttrs = 1;
   auto max_clusters = [&](int s) {
-    static int cache[9] = {};  // per cluster size; the query is a host-side occupancy calculation
-    if (cache[s] == 0) {
+    // Per device and cluster size; the query is a host-side occupancy calculation.
+    static std::atomic<int> cache[sparsek_device::kCachedDevices][9] = {};
+    const int dev = sparsek_device::current();
+    const bool cached = dev >= 0 && dev < sparsek_device::kCachedDevices;
+    int v = cached ? cache[dev][s].load(std::memory_order_relaxed) : 0;
+    if (v == 0) {
       attr[0].val.clusterDim.x = (unsigned)s;
       cfg.gridDim = dim3((unsigned)s);
       int n = 0;
-      cache[s] = cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) == cudaSuccess && n > 0 ? n : -1;
+      v = cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) == cudaSuccess && n > 0 ? n : -1;
       cudaGetLastError();
+      if (cached) cache[dev][s].store(v, std::memory_order_relaxed);
     }
-    return cache[s];
+    return v;
   };
   tma.splits = kIndex ? 1 : sm90_splits(items, p.seqlen_k, kBN, max_clusters);
   if (tma.splits == 1) {

@@ -16,6 +16,7 @@
 #include <math_constants.h>
 #include <stdint.h>
 
+#include "device_info.cuh"
 #include "paged_abi.h"
 
 namespace sparsek_paged {
@@ -307,16 +308,7 @@ __global__ void __launch_bounds__(kThreads) paged_decode_combine_kernel(const Sk
   if (tid == 0 && p.lse) p.lse[(int64_t)h * p.lse_head_stride + q_row] = sm_lse;
 }
 
-static int num_sms() {
-  static int n = 0;
-  if (n == 0) {
-    int dev = 0, v = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev);
-    n = v > 0 ? v : 1;
-  }
-  return n;
-}
+static int num_sms() { return sparsek_device::num_sms(); }
 
 static int group_tile(int group_size) {
   if (group_size <= 1) return 1;
