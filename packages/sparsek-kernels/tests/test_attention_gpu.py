@@ -145,11 +145,11 @@ def test_cuda_graph_capture_and_stream():
     assert rel_error(out2, attention_ref(q.float(), k.float(), v.float())) < tolerance(torch.float16)
 
 
-@pytest.mark.parametrize("shape", [(1, 512, 8, 64), (2, 2048, 16, 128), (1, 128, 16, 128)])
+@pytest.mark.parametrize("shape", [(1, 512, 8, 64), (2, 2048, 16, 128), (1, 128, 16, 128), (1, 4096, 2, 128)])
 def test_back_to_back_dependent_calls(shape):
     """Each call reads what the kernel just before it wrote (programmatic dependent launch must wait for it): a chain
     of attention calls, elementwise ops in between, eager and replayed from a CUDA graph, and a large write of the
-    inputs right before the first call."""
+    inputs right before the first call. 1,4096,2,128 is a small grid with long keys (split-KV clusters)."""
     torch.manual_seed(shape[1])
     q, k, v = (_rand(*shape, dtype=torch.bfloat16) for _ in range(3))
 
