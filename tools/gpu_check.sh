@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build, test and benchmark sparsek on a CUDA machine in one go; prints a short table last.
-#   bash tools/gpu_check.sh [stage ...]     stages: build tests bench bench-quick extra (default: build tests bench)
-# extra = the sparse, paged-decode and xFormers benchmarks of the packages.
+#   bash tools/gpu_check.sh [stage ...]     stages: build tests bench bench-quick extra pdl (default: build tests bench)
+# extra = the sparse, paged-decode and xFormers benchmarks of the packages; pdl = programmatic dependent launch on/off.
 # Logs and tables go to $OUT (default ./gpu_out). Uses the source tree directly (PYTHONPATH), so nothing is installed.
 set -u
 cd "$(dirname "$0")/.."
@@ -64,6 +64,14 @@ if has extra; then
   summary+=("bench_decode rc=$?")
   timeout 100 $PY packages/sparsek-xformers/benchmarks/bench_xformers.py --out "$OUT/bench_xformers.md" >"$OUT/bench_xformers.log" 2>&1
   summary+=("bench_xformers rc=$?")
+fi
+
+if has pdl; then
+  for pdl in 1 0 1 0; do
+    SPARSEK_PDL=$pdl timeout 200 $PY packages/sparsek-kernels/benchmarks/bench_pdl_ab.py >>"$OUT/bench_pdl.log" 2>&1
+  done
+  summary+=("pdl A/B (graph of 20 calls / of 1 call, us):")
+  while IFS= read -r line; do summary+=("  $line"); done < <(grep "^PDL=" "$OUT/bench_pdl.log")
 fi
 
 echo "================ summary ================"

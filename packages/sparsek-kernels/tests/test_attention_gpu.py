@@ -145,6 +145,52 @@ def test_cuda_graph_capture_and_stream():
     assert rel_error(out2, attention_ref(q.float(), k.float(), v.float())) < tolerance(torch.float16)
 
 
+@pytest.mark.parametrize("shape", [(1, 512, 8, 64), (2, 2048, 16, 128), (1, 128, 16, 128), (1, 4096, 2, 128)])
+def test_back_to_back_dependent_calls(shape):
+    """Each call reads what the kernel just before it wrote (programmatic dependent launch must wait for it): a chain
+    of attention calls, elementwise ops in between, eager and replayed from a CUDA graph, and a large write of the
+    inputs right before the first call. 1,4096,2,128 is a small grid with long keys (split-KV clusters)."""
+    torch.manual_seed(shape[1])
+    q, k, v = (_rand(*shape, dtype=torch.bfloat16) for _ in range(3))
+
+    def chain():
+        x = q
+        outs = []
+        for i in range(4):
+            x = sparsek.attention(x, k, v, causal=i % 2 == 1)
+            outs.append(x)
+            if i == 1:
+                x = x * 3.0  # a torch kernel between two of ours
+        return outs
+
+    def reference():
+        x, outs = q.float(), []
+        for i in range(4):
+            x = attention_ref(x.to(q.dtype).float(), k.float(), v.float(), causal=i % 2 == 1)
+            outs.append(x)
+            if i == 1:
+                x = (x.to(q.dtype) * 3.0).float()
+        return outs
+
+    for out, ref in zip(chain(), reference()):
+        assert rel_error(out, ref) < 2 * tolerance(q.dtype)
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        chain()
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(g):
+        q.copy_(k.flip(1))  # the first attention call depends on this copy
+        outs = chain()
+    for _ in range(3):
+        k.normal_()
+        g.replay()
+        torch.cuda.synchronize()
+        for out, ref in zip(outs, reference()):
+            assert rel_error(out, ref) < 2 * tolerance(q.dtype)
+
+
 def test_unsupported_head_dim_raises():
     q = _rand(1, 8, 2, 40, dtype=torch.float16)
     with pytest.raises(ValueError, match="head dim 40"):

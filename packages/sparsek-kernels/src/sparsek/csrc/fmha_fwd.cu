@@ -138,6 +138,14 @@ static int sm90_splits(long items, int seqlen_k, int kBN, MaxClusters max_cluste
   return s > 1 ? s : 1;
 }
 
+// SPARSEK_PDL=0 turns off programmatic dependent launch of the Hopper kernel (default on): with it, the next kernel
+// on the stream may start its prologue while this one finishes, and this one waits (`griddepcontrol.wait`) for
+// the previous kernel's memory before its first global access.
+static bool sm90_pdl() {
+  static const bool v = env_int("SPARSEK_PDL", 1) != 0;
+  return v;
+}
+
 static bool sm90_disabled() {
   static const bool v = std::getenv("SPARSEK_DISABLE_SM90") != nullptr;
   return v;
@@ -174,10 +182,12 @@ static bool try_launch_sm90(const SkFmhaParams& p, cudaStream_t stream, cudaErro
     return true;
   }
   // Split-KV decision; the launch configuration also serves the cluster-occupancy query.
-  cudaLaunchAttribute attr[1];
+  cudaLaunchAttribute attr[2];
   attr[0].id = cudaLaunchAttributeClusterDimension;
   attr[0].val.clusterDim.y = 1;
   attr[0].val.clusterDim.z = 1;
+  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[1].val.programmaticStreamSerializationAllowed = 1;
   cudaLaunchConfig_t cfg = {};
   cfg.blockDim = dim3(Tr::kThreads);
   cfg.dynamicSmemBytes = Tr::kSmemBytes;
@@ -201,15 +211,12 @@ static bool try_launch_sm90(const SkFmhaParams& p, cudaStream_t stream, cudaErro
     return v;
   };
   tma.splits = kIndex ? 1 : sm90_splits(items, p.seqlen_k, kBN, max_clusters);
-  if (tma.splits == 1) {
-    kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p, tma);
-    *err = cudaGetLastError();
-    return true;
-  }
-  // One cluster of `splits` CTAs per work item (the kernel reuses its K/V ring for the partials, so every CTA must
-  // own exactly one item).
+  // Split-KV: one cluster of `splits` CTAs per work item (the kernel reuses its K/V ring for the partials, so every
+  // CTA must own exactly one item).
   attr[0].val.clusterDim.x = (unsigned)tma.splits;
-  cfg.gridDim = dim3((unsigned)(items * tma.splits));
+  cfg.gridDim = dim3(tma.splits == 1 ? (unsigned)grid : (unsigned)(items * tma.splits));
+  cfg.attrs = tma.splits == 1 ? attr + 1 : attr;
+  cfg.numAttrs = (tma.splits == 1 ? 0 : 1) + (sm90_pdl() ? 1 : 0);
   *err = cudaLaunchKernelEx(&cfg, kernel, p, tma);
   return true;
 }

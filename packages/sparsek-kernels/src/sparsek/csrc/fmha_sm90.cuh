@@ -324,6 +324,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
+  // Programmatic dependent launch (a no-op without it): let the next kernel on the stream start its prologue, and
+  // wait for the previous kernel's memory before the first global access (sequence lengths, lists, Q/K/V, O).
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
 
   if (wg == 0) {  // ---------------------------------------------------------------- producer
     setmaxnreg_dec<Tr::kProducerRegs>();
