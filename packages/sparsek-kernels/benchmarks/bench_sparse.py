@@ -114,6 +114,17 @@ class Runner:
             self.add("sparsek", s, param, "top-k attention per query (gather)", t_att, pq_pairs, dense["cudnn"])
             if t_sel and t_att:
                 self.add("sparsek", s, param, "select + attention per query", t_sel + t_att, pq_pairs, dense["cudnn"])
+            # the same per-query selection as block lists with query intervals (what sparsek_attention runs)
+            t_iv = self.time(lambda: sparse.sparsek_attention(q, k, v, u, budget, w, validate=False))
+            self.add(
+                "sparsek",
+                s,
+                param,
+                "sparsek_attention per query (block intervals, e2e)",
+                t_iv,
+                pq_pairs,
+                dense["cudnn"],
+            )
             del idx
             torch.cuda.empty_cache()
         else:

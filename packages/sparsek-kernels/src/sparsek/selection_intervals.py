@@ -1,0 +1,130 @@
+"""Per-query SparseK selection rewritten for block kernels: one key list per block of queries plus, for every listed
+key, the contiguous range of the block's queries that select it.
+
+With query-independent scores (``[B, Hkv, Sk]``, the SparseK paper's scoring), causal query ``t`` of a block selects
+the ``k`` best keys of its prefix ``[0, L0 + t)``. The prefix grows by one key per query, so the selected set changes
+by at most one insertion (and one eviction) per query: a block of ``bs`` queries selects at most ``k + bs - 1``
+distinct keys, and a key, once evicted, never returns (the ``k``-th best of a growing prefix only improves). Each
+listed key is therefore visible to an interval ``[lo, hi)`` of the block's queries.
+
+Construction, per (batch, head, block): ``S`` = the ``k`` best keys of the first query's prefix (the selection
+kernel with ``step = bs``); its ``bs - 1`` weakest members ``W`` plus the ``bs - 1`` keys that enter the prefix
+inside the block ``N`` are the only keys whose visibility can change (at most ``bs - 1`` evictions happen, and they
+hit the weakest first); the strong rest of ``S`` is visible to the whole block. Key ``c`` of ``W ∪ N`` is visible to
+query ``t`` when it is in the prefix and fewer than ``k - |S_strong|`` keys of ``W ∪ N`` in the prefix beat it
+(higher score, ties to the lower position).
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: Bits of the packed interval: ``lo | hi << INTERVAL_SHIFT`` (query rows relative to the block start).
+INTERVAL_SHIFT = 16
+
+
+def key_ranks(scores: torch.Tensor) -> torch.Tensor:
+    """int32 rank of every key in the selection order (0 = best): higher score first, ties to the lower position;
+    ``-inf`` keys rank after every finite one. ``scores``: ``[B, H, Sk]``."""
+    order = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    return ranks.to(torch.int32)
+
+
+def block_union_intervals(
+    scores: torch.Tensor,
+    first_sets: torch.Tensor,
+    k: int,
+    seqlen_q: int,
+    off: int,
+    block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Union key lists and packed query intervals of per-query top-k selection, per block of queries.
+
+    Args:
+        scores: float ``[B, H, Sk]`` per-key scores (no NaN).
+        first_sets: int32 ``[B, H, nb, k]``: the ``k`` best keys of each block's first-query prefix
+            ``[0, clamp(off + m * block_size, 0, Sk))`` (``-1`` padded; any order), as the selection kernel returns
+            with ``step = block_size``.
+        k: the budget.
+        seqlen_q: number of queries (``nb = ceil(seqlen_q / block_size)``).
+        off: query ``i`` selects among keys ``[0, clamp(off + i, 0, Sk))``.
+        block_size: queries per block.
+
+    Returns:
+        ``lists`` int32 ``[B, H, nb, n]`` (``-1`` padded, ``n <= k + block_size - 1``), ``intervals`` int32 of the
+        same shape (``lo | hi << 16``: the key is selected by the block's queries ``lo <= t < hi``; 0 for padding),
+        and ``counts`` int32 ``[B, H, nb]`` of listed keys.
+    """
+    b, h, sk = scores.shape
+    nb = first_sets.shape[2]
+    bs = block_size
+    dev = scores.device
+    nw = min(bs - 1, k)  # weakest members of S that may be evicted
+    ranks = key_ranks(scores)  # [B, H, Sk]
+    big = torch.iinfo(torch.int32).max
+    finite = torch.isfinite(scores) | (scores > 0)
+    fin_prefix = torch.nn.functional.pad(finite.to(torch.int32).cumsum(-1), (1, 0))  # [B, H, Sk + 1]
+
+    # S sorted by rank (best first); padding last.
+    s_valid = first_sets >= 0
+    s_rank = torch.where(
+        s_valid, ranks.unsqueeze(2).expand(-1, -1, nb, -1).gather(-1, first_sets.clamp(min=0).long()), big
+    )
+    s_rank, s_ord = s_rank.sort(-1)
+    s_keys = first_sets.gather(-1, s_ord)
+    n_s = s_valid.sum(-1)  # [B, H, nb]
+    n_w = n_s.clamp(max=nw)
+    n_strong = n_s - n_w
+    # W: the n_w weakest valid members = positions [n_strong, n_s) of the rank-sorted S, gathered into nw slots.
+    slot = torch.arange(nw, device=dev)
+    w_pos = (n_strong.unsqueeze(-1) + slot).clamp(max=max(s_keys.shape[-1] - 1, 0))
+    w_ok = slot < n_w.unsqueeze(-1)
+    w_keys = torch.where(w_ok, s_keys.gather(-1, w_pos), -1).long()
+    # N: keys entering the prefix inside the block; query t of block m has prefix [0, clamp(L0 + t, 0, Sk)).
+    m = torch.arange(nb, device=dev)
+    l0 = off + m * bs  # unclamped prefix length of each block's first query
+    nq = (seqlen_q - m * bs).clamp(max=bs)  # queries in the block
+    s_idx = torch.arange(bs - 1, device=dev)
+    n_keys = l0.unsqueeze(-1).long() + s_idx  # key entering at query s + 1
+    n_ok = (n_keys >= 0) & (n_keys < sk) & (s_idx + 1 < nq.unsqueeze(-1))  # [nb, bs - 1]
+    n_keys = torch.where(n_ok, n_keys, -1).expand(b, h, -1, -1)
+    c_keys = torch.cat([w_keys, n_keys], -1)  # [B, H, nb, nw + bs - 1]
+    c_ok = c_keys >= 0
+    c_rank = torch.where(c_ok, ranks.unsqueeze(2).expand(-1, -1, nb, -1).gather(-1, c_keys.clamp(min=0).long()), big)
+    # First query (relative) whose prefix holds the key.
+    t = torch.arange(bs, device=dev)
+    c_elig = (c_keys - l0.view(1, 1, nb, 1) + 1).clamp(min=0)  # [B, H, nb, C]
+    # beaters(c, t) = |{w in W: w beats c}| + |{N_s: s < t, N_s beats c}|
+    w_beats = (c_rank[..., :nw].unsqueeze(-2) < c_rank.unsqueeze(-1)) & w_ok.unsqueeze(-2)  # [B, H, nb, C, nw]
+    bw = w_beats.sum(-1, dtype=torch.int16)
+    n_rank = c_rank[..., nw:]  # [B, H, nb, bs - 1]
+    n_beats = (n_rank.unsqueeze(-2) < c_rank.unsqueeze(-1)) & n_ok.view(1, 1, nb, 1, bs - 1)  # [.., C, bs - 1]
+    bn = torch.nn.functional.pad(n_beats.to(torch.int16).cumsum(-1, dtype=torch.int16), (1, 0))  # N_s, s < t
+    beaters = bw.unsqueeze(-1) + bn  # [B, H, nb, C, bs]
+    # Slots left for W ∪ N at query t: min(k, finite keys in the prefix) - |S_strong|.
+    lt = (l0.view(nb, 1) + t).clamp(0, sk)  # [nb, bs]
+    fin = fin_prefix.unsqueeze(2).expand(-1, -1, nb, -1).gather(-1, lt.expand(b, h, -1, -1))
+    slots = fin.clamp(max=k) - n_strong.unsqueeze(-1)  # [B, H, nb, bs]
+    visible = (
+        c_ok.unsqueeze(-1)
+        & (t >= c_elig.unsqueeze(-1))
+        & (t < nq.view(1, 1, nb, 1, 1))
+        & (beaters < slots.unsqueeze(-2))
+    )
+    lo = torch.where(visible.any(-1), visible.to(torch.int8).argmax(-1), 0)
+    hi = torch.where(visible.any(-1), bs - visible.flip(-1).to(torch.int8).argmax(-1), 0)
+    # Strong members: the whole block.
+    strong_slot = torch.arange(s_keys.shape[-1], device=dev)
+    strong_ok = strong_slot < n_strong.unsqueeze(-1)
+    strong_keys = torch.where(strong_ok, s_keys.long(), -1)
+    strong_iv = torch.where(strong_ok, (nq.view(1, 1, nb, 1) << INTERVAL_SHIFT).expand_as(strong_keys), 0)
+    c_keep = visible.any(-1)
+    keys = torch.cat([strong_keys, torch.where(c_keep, c_keys, -1)], -1)
+    iv = torch.cat([strong_iv, torch.where(c_keep, lo | (hi << INTERVAL_SHIFT), 0)], -1)
+    # Compact: listed keys first (stable); at most |S| + |N| <= k + bs - 1 of them.
+    order = (keys < 0).to(torch.int8).argsort(dim=-1, stable=True)[..., : k + bs - 1]
+    keys, iv = keys.gather(-1, order), iv.gather(-1, order)
+    counts = (keys >= 0).sum(-1, dtype=torch.int32)
+    return keys.to(torch.int32).contiguous(), iv.to(torch.int32).contiguous(), counts
