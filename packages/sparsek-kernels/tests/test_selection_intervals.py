@@ -94,3 +94,15 @@ def test_interval_op_checks():
     allowed[0, 0, 7:9, 7] = True  # key 7 listed for queries 0-8, causal from query 7
     ref = R._attend(q, k, v, allowed, 0.125, False)
     assert torch.allclose(out, ref, atol=1e-6)
+
+
+def test_block_intervals_in_chunks_equal_one_pass():
+    g = torch.Generator().manual_seed(7)
+    sk, sq, k, bs = 700, 650, 40, 16
+    scores = torch.randn(2, 3, sk, generator=g)
+    _, off, _ = R.select_limits(sq, sk, causal=True, window=9, block_size=None)
+    first, _ = R.topk_rows_ref(scores, k, -(-sq // bs), off, bs)
+    whole = block_union_intervals(scores, first, k, sq, off, bs)
+    for limit in (1, 2 * 6 * bs * bs * 3):  # one block per chunk; three blocks per chunk
+        chunked = block_union_intervals(scores, first, k, sq, off, bs, max_elements=limit)
+        assert all(torch.equal(a, c) for a, c in zip(whole, chunked))

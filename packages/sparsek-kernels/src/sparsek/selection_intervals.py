@@ -39,6 +39,7 @@ def block_union_intervals(
     seqlen_q: int,
     off: int,
     block_size: int,
+    max_elements: int = 1 << 28,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Union key lists and packed query intervals of per-query top-k selection, per block of queries.
 
@@ -56,7 +57,26 @@ def block_union_intervals(
         ``lists`` int32 ``[B, H, nb, n]`` (``-1`` padded, ``n <= k + block_size - 1``), ``intervals`` int32 of the
         same shape (``lo | hi << 16``: the key is selected by the block's queries ``lo <= t < hi``; 0 for padding),
         and ``counts`` int32 ``[B, H, nb]`` of listed keys.
+
+    The work tensors hold about ``B·H·blocks·2·block_size²`` elements; blocks are processed in chunks so that this
+    stays under ``max_elements``.
     """
+    b, h, _ = scores.shape
+    nb, bs = first_sets.shape[2], block_size
+    per_block = max(1, b * h * 2 * bs * bs)
+    chunk = max(1, max_elements // per_block)
+    if nb > chunk:
+        parts = [
+            _block_union_intervals(scores, first_sets[:, :, m0 : m0 + chunk], k, seqlen_q - m0 * bs, off + m0 * bs, bs)
+            for m0 in range(0, nb, chunk)
+        ]
+        return tuple(torch.cat(t, dim=2) for t in zip(*parts))
+    return _block_union_intervals(scores, first_sets, k, seqlen_q, off, bs)
+
+
+def _block_union_intervals(
+    scores: torch.Tensor, first_sets: torch.Tensor, k: int, seqlen_q: int, off: int, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, h, sk = scores.shape
     nb = first_sets.shape[2]
     bs = block_size
