@@ -113,34 +113,31 @@ def _block_union_intervals(
     c_keys = torch.cat([w_keys, n_keys], -1)  # [B, H, nb, nw + bs - 1]
     c_ok = c_keys >= 0
     c_rank = torch.where(c_ok, ranks.unsqueeze(2).expand(-1, -1, nb, -1).gather(-1, c_keys.clamp(min=0).long()), big)
-    # First query (relative) whose prefix holds the key.
+    # Query (relative to the block) from which the key is in the prefix.
     t = torch.arange(bs, device=dev)
     c_elig = (c_keys - l0.view(1, 1, nb, 1) + 1).clamp(min=0)  # [B, H, nb, C]
-    # beaters(c, t) = |{w in W: w beats c}| + |{N_s: s < t, N_s beats c}|
+    c_fin = finite.unsqueeze(2).expand(-1, -1, nb, -1).gather(-1, c_keys.clamp(min=0)) & c_ok
+    # While the prefix holds fewer than k selectable keys (queries t < t_full) every selectable key in it is selected.
+    lt = (l0.view(nb, 1) + t).clamp(0, sk)  # [nb, bs] prefix length of each query
+    fin = fin_prefix.unsqueeze(2).expand(-1, -1, nb, -1).gather(-1, lt.expand(b, h, -1, -1))  # [B, H, nb, bs]
+    t_full = (fin < k).sum(-1)  # [B, H, nb]; fin is non-decreasing in t
+    # From t_full on, W ∪ N shares k - |S_strong| slots: c is selected at t while the keys of W and of the entered
+    # N_s (s < t) that beat it are fewer. The count only grows with t, so that holds for t < T(c).
     w_beats = (c_rank[..., :nw].unsqueeze(-2) < c_rank.unsqueeze(-1)) & w_ok.unsqueeze(-2)  # [B, H, nb, C, nw]
-    bw = w_beats.sum(-1, dtype=torch.int16)
+    room = (k - n_strong).unsqueeze(-1) - w_beats.sum(-1)  # [B, H, nb, C]
     n_rank = c_rank[..., nw:]  # [B, H, nb, bs - 1]
     n_beats = (n_rank.unsqueeze(-2) < c_rank.unsqueeze(-1)) & n_ok.view(1, 1, nb, 1, bs - 1)  # [.., C, bs - 1]
-    bn = torch.nn.functional.pad(n_beats.to(torch.int16).cumsum(-1, dtype=torch.int16), (1, 0))  # N_s, s < t
-    beaters = bw.unsqueeze(-1) + bn  # [B, H, nb, C, bs]
-    # Slots left for W ∪ N at query t: min(k, finite keys in the prefix) - |S_strong|.
-    lt = (l0.view(nb, 1) + t).clamp(0, sk)  # [nb, bs]
-    fin = fin_prefix.unsqueeze(2).expand(-1, -1, nb, -1).gather(-1, lt.expand(b, h, -1, -1))
-    slots = fin.clamp(max=k) - n_strong.unsqueeze(-1)  # [B, H, nb, bs]
-    visible = (
-        c_ok.unsqueeze(-1)
-        & (t >= c_elig.unsqueeze(-1))
-        & (t < nq.view(1, 1, nb, 1, 1))
-        & (beaters < slots.unsqueeze(-2))
-    )
-    lo = torch.where(visible.any(-1), visible.to(torch.int8).argmax(-1), 0)
-    hi = torch.where(visible.any(-1), bs - visible.flip(-1).to(torch.int8).argmax(-1), 0)
+    entered = n_beats.to(torch.int32).cumsum(-1, dtype=torch.int32)  # beaters among N_0..N_s (enter at s + 1)
+    until = (room > 0).to(torch.int64) + torch.searchsorted(entered, room.unsqueeze(-1).to(torch.int32)).squeeze(-1)
+    lo = c_elig
+    hi = torch.minimum(torch.maximum(until, t_full.unsqueeze(-1)), nq.view(1, 1, nb, 1))
+    c_keep = c_fin & (lo < hi)
+    lo, hi = torch.where(c_keep, lo, 0), torch.where(c_keep, hi, 0)
     # Strong members: the whole block.
     strong_slot = torch.arange(s_keys.shape[-1], device=dev)
     strong_ok = strong_slot < n_strong.unsqueeze(-1)
     strong_keys = torch.where(strong_ok, s_keys.long(), -1)
     strong_iv = torch.where(strong_ok, (nq.view(1, 1, nb, 1) << INTERVAL_SHIFT).expand_as(strong_keys), 0)
-    c_keep = visible.any(-1)
     keys = torch.cat([strong_keys, torch.where(c_keep, c_keys, -1)], -1)
     iv = torch.cat([strong_iv, torch.where(c_keep, lo | (hi << INTERVAL_SHIFT), 0)], -1)
     # Compact: listed keys first (stable); at most |S| + |N| <= k + bs - 1 of them.
