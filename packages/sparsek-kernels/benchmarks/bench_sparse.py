@@ -27,6 +27,7 @@ from pathlib import Path
 import sparsek
 import torch
 from sparsek import sparse
+from sparsek.reference.sparse import select_limits
 from sparsek.testing import cuda_event_time_us
 
 
@@ -114,6 +115,28 @@ class Runner:
             self.add("sparsek", s, param, "top-k attention per query (gather)", t_att, pq_pairs, dense["cudnn"])
             if t_sel and t_att:
                 self.add("sparsek", s, param, "select + attention per query", t_sel + t_att, pq_pairs, dense["cudnn"])
+            # the same per-query selection as block lists with query intervals (what sparsek_attention runs):
+            # its two preparation steps alone, then the whole call
+            from sparsek.selection_intervals import block_union_intervals
+
+            _, off_pq, _ = select_limits(s, s, causal=True, window=w, block_size=None)
+            nbq = -(-s // 128)
+            t_first = self.time(lambda: torch.ops.sparsek.topk_select(u, budget, nbq, off_pq, 128))
+            self.add("sparsek", s, param, "per query: block first-query selection", t_first, pq_pairs, None)
+            first = torch.ops.sparsek.topk_select(u, budget, nbq, off_pq, 128)[0]
+            t_ivb = self.time(lambda: block_union_intervals(u, first, budget, s, off_pq, 128))
+            self.add("sparsek", s, param, "per query: union lists + intervals", t_ivb, pq_pairs, None)
+            del first
+            t_iv = self.time(lambda: sparse.sparsek_attention(q, k, v, u, budget, w, validate=False))
+            self.add(
+                "sparsek",
+                s,
+                param,
+                "sparsek_attention per query (block intervals, e2e)",
+                t_iv,
+                pq_pairs,
+                dense["cudnn"],
+            )
             del idx
             torch.cuda.empty_cache()
         else:

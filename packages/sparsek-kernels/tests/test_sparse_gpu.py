@@ -147,6 +147,22 @@ def test_block_shared_sparsek_attention(dtype, bs, sq, sk, hq, hk, budget, windo
     _check(out, lse, ref_out, ref_lse, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize(
+    "sq,sk,hq,hk,budget,window", [(1000, 1000, 8, 2, 200, 64), (513, 700, 4, 4, 64, 0), (1, 300, 2, 1, 17, 3)]
+)
+def test_per_query_sparsek_attention_by_block_intervals(dtype, d, sq, sk, hq, hk, budget, window):
+    """Per-query selection with per-key scores runs as block lists with query intervals (FMHA index-list kernel)."""
+    q, k, v = _qkv(1, sq, sk, hq, hk, d, dtype, seed=sq + d)
+    u = torch.randn(1, hk, sk, device=DEV)
+    u[:, :, ::11] = float("-inf")
+    _poison_cache(((sq * hq * d,), dtype), ((hq * sq,), torch.float32))
+    out, lse = sparse.sparsek_attention(q, k, v, u, budget, window, return_lse=True)
+    ref_out, ref_lse = R.sparsek_attention_ref(q.float(), k.float(), v.float(), u, budget, window, return_lse=True)
+    _check(out, lse, ref_out, ref_lse, dtype)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("block", [64, 128])
 def test_block_sparse_blockmask(causal, block):

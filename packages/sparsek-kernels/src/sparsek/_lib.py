@@ -13,7 +13,7 @@ import torch
 
 from .arch import device_choice
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 _LOG2E = 1.0 / math.log(2.0)
 _i64, _i32, _ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
 
@@ -37,7 +37,7 @@ class SkFmhaParams(ctypes.Structure):
         ("batch", _i32), ("heads_q", _i32), ("heads_kv", _i32), ("seqlen_q", _i32), ("seqlen_k", _i32),
         ("head_dim", _i32), ("page_size", _i32), ("window_left", _i32), ("window_right", _i32),
         ("is_bf16", _i32), ("scale_log2", ctypes.c_float), ("total_q", _i32), ("total_k", _i32),
-        ("kv_index_run", _i32), ("pad1", _i32),
+        ("kv_index_run", _i32), ("pad1", _i32), ("kv_intervals", _ptr),
     ]  # fmt: skip
 
 
@@ -150,6 +150,7 @@ def fmha_fwd(
     kv_counts: torch.Tensor | None = None,
     index_block_q: int = 64,
     kv_index_run: int = 1,
+    kv_intervals: torch.Tensor | None = None,
 ) -> None:
     """Launch the FMHA kernel on the current stream.
 
@@ -197,7 +198,7 @@ def fmha_fwd(
         block_table.stride(0) if paged else 0,
         batch, qsh[-2], ksh[-2], max_seqlen_q, max_seqlen_k, qsh[-1],
         ksh[1] if paged else 0, window_left, window_right,
-        int(q.dtype == torch.bfloat16), scale * _LOG2E, qsh[-3], ksh[-3], kv_index_run, 0,
+        int(q.dtype == torch.bfloat16), scale * _LOG2E, qsh[-3], ksh[-3], kv_index_run, 0, _ptr_of(kv_intervals),
     )  # fmt: skip
     with on_device(device):
         code = lib.sk_fmha_fwd(p, current_stream(device))

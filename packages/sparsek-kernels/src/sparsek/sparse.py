@@ -25,13 +25,16 @@ import torch
 from . import _lib, ops  # noqa: F401  (ops registers the sparsek namespace first)
 from ._validation import check_heads, check_qkv, check_scale, check_tensor
 from .reference.sparse import (
+    _attend,
     _block_scores,
+    interval_index_mask,
     select_limits,
     selected_mask_values,
     sparsek_threshold_ref,
     topk_attention_ref,
     topk_rows_ref,
 )
+from .selection_intervals import block_union_intervals
 
 __all__ = [
     "BlockSparseLayout",
@@ -213,6 +216,10 @@ _FRAG.define(
     "float scale, int window_left, int window_right, bool return_lse) -> (Tensor, Tensor)"
 )
 _FRAG.define(
+    "interval_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor kv_indices, Tensor kv_intervals, Tensor kv_counts, "
+    "int index_block_q, float scale, int window_left, bool return_lse) -> (Tensor, Tensor)"
+)
+_FRAG.define(
     "block_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor kv_starts, Tensor kv_counts, int index_block_q, int run, "
     "float scale, int window_left, int window_right, bool return_lse) -> (Tensor, Tensor)"
 )
@@ -360,7 +367,30 @@ def _block_attn_cuda(q, k, v, kv_starts, kv_counts, ibq, run, scale, wl, wr, ret
     return _index_fmha_cuda(q, k, v, kv_starts, kv_counts, ibq, run, scale, wl, wr, return_lse)
 
 
-def _index_fmha_cuda(q, k, v, lists, counts, ibq, run, scale, wl, wr, return_lse):
+def _interval_attn_reference(q, k, v, kv_indices, kv_intervals, kv_counts, ibq, scale, wl, return_lse):
+    keep = torch.arange(kv_indices.shape[-1], device=kv_indices.device) < kv_counts.unsqueeze(-1)
+    idx = torch.where(keep, kv_indices, torch.full_like(kv_indices, -1))
+    window = wl + 1 if wl >= 0 else 0
+    allowed = interval_index_mask(idx, kv_intervals, q.shape[1], k.shape[1], ibq, window=window)
+    return _into(q, _attend(q, k, v, allowed, scale, True), return_lse)
+
+
+@torch.library.impl(_FRAG, "interval_attn_fwd", "CPU")
+def _interval_attn_cpu(q, k, v, kv_indices, kv_intervals, kv_counts, ibq, scale, wl, return_lse):
+    return _interval_attn_reference(q, k, v, kv_indices, kv_intervals, kv_counts, ibq, scale, wl, return_lse)
+
+
+@torch.library.impl(_FRAG, "interval_attn_fwd", "CUDA")
+def _interval_attn_cuda(q, k, v, kv_indices, kv_intervals, kv_counts, ibq, scale, wl, return_lse):
+    return _index_fmha_cuda(q, k, v, kv_indices, kv_counts, ibq, 1, scale, wl, 0, return_lse, kv_intervals)
+
+
+@torch.library.register_fake("sparsek::interval_attn_fwd")
+def _interval_attn_fake(q, k, v, kv_indices, kv_intervals, kv_counts, ibq, scale, wl, return_lse):
+    return _attn_alloc(q, return_lse)
+
+
+def _index_fmha_cuda(q, k, v, lists, counts, ibq, run, scale, wl, wr, return_lse, intervals=None):
     """Both index ops on CUDA: the FMHA kernel's index-list mode (``run`` keys per entry), or the reference when the
     kernels cannot be built and ``SPARSEK_ALLOW_FALLBACK=1``."""
     try:
@@ -368,6 +398,8 @@ def _index_fmha_cuda(q, k, v, lists, counts, ibq, run, scale, wl, wr, return_lse
     except _lib.KernelUnavailable:
         if not _lib.fallback_allowed():
             raise
+        if intervals is not None:
+            return _interval_attn_reference(q, k, v, lists, intervals, counts, ibq, scale, wl, return_lse)
         if run == 1:
             return _index_attn_reference(q, k, v, lists, counts, ibq, scale, wl, wr, return_lse)
         return _block_attn_cpu(q, k, v, lists, counts, ibq, run, scale, wl, wr, return_lse)
@@ -379,6 +411,7 @@ def _index_fmha_cuda(q, k, v, lists, counts, ibq, run, scale, wl, wr, return_lse
         cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, block_table=None,
         max_seqlen_q=q.shape[1], max_seqlen_k=k.shape[1], scale=scale, window_left=wl, window_right=wr,
         kv_indices=lists.contiguous(), kv_counts=counts.contiguous(), index_block_q=ibq, kv_index_run=run,
+        kv_intervals=intervals.contiguous() if intervals is not None else None,
     )  # fmt: skip
     return out, lse
 
@@ -916,6 +949,8 @@ def sparsek_attention(
         raise ValueError(f"scores must have shape {want} ([B, Hkv, Sk] or [B, Hkv, Sq, Sk]), got {tuple(scores.shape)}")
     if scores.device != q.device:
         raise ValueError(f"scores must be on {q.device} (like q), got {scores.device}")
+    if block_size is None and causal and scores.dim() == 3 and q.shape[-1] in INDEX_KERNEL_HEAD_DIMS:
+        return _per_query_by_blocks(q, k, v, scores, k_budget, window, scale, return_lse, validate)
     idx = sparsek_select(
         scores, k_budget, causal=causal, window=window, block_size=block_size, seqlen_q=sq, validate=validate
     )
@@ -923,3 +958,26 @@ def sparsek_attention(
         q, k, v, idx, scale=scale, window=window, causal=causal, block_size=block_size,
         return_lse=return_lse, validate=False,
     )  # fmt: skip
+
+
+def _per_query_by_blocks(q, k, v, scores, k_budget, window, scale, return_lse, validate):
+    """Per-query selection (the paper's semantics) run as one key list per block of queries with a query interval
+    per listed key (see [`sparsek.selection_intervals`][sparsek.selection_intervals]): the FMHA index-list kernel then
+    loads each selected key once per block instead of once per query."""
+    sq, sk = q.shape[1], k.shape[1]
+    # Validation of k_budget, window and NaN scores, as for any selection.
+    _check_int("k", k_budget, lo=1, hi=sk)
+    window = _check_window(window, True)
+    if sq > sk:
+        raise ValueError(f"causal selection needs seqlen_q <= Sk, got seqlen_q={sq}, Sk={sk}")
+    if validate and scores.numel() > 0 and _host_checks_allowed() and bool(torch.isnan(scores).any()):
+        raise ValueError("scores contain NaN; selection needs finite or -inf scores (-inf keys are never selected)")
+    scale = check_scale(scale, q.shape[-1])
+    ibq = 64 if q.shape[-1] == 256 else 128  # the FMHA kernel's query tile
+    _, off, _ = select_limits(sq, sk, causal=True, window=window, block_size=None)
+    nb = -(-sq // ibq)
+    first, _ = torch.ops.sparsek.topk_select(scores, k_budget, nb, off, ibq)  # each block's first-query selection
+    lists, intervals, counts = block_union_intervals(scores, first, k_budget, sq, off, ibq)
+    wl = window - 1 if window > 0 else -1
+    out, lse = torch.ops.sparsek.interval_attn_fwd(q, k, v, lists, intervals, counts, ibq, scale, wl, return_lse)
+    return (out, lse) if return_lse else out

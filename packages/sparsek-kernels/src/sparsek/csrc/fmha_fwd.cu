@@ -17,11 +17,12 @@ enum SkError : int {
   kErrBadIndexBlock = -2,
   kErrBadHeads = -3,
   kErrBadIndexRun = -4,
+  kErrBadIntervals = -5,
 };
 
-template <int kD, int kWarps, int kMT, int kBN, typename T>
+template <int kD, int kWarps, int kMT, int kBN, typename T, bool kIntervals = false>
 static cudaError_t launch(const SkFmhaParams& p, cudaStream_t stream) {
-  using Tr = FmhaTraits<kD, kWarps, kMT, kBN, T>;
+  using Tr = FmhaTraits<kD, kWarps, kMT, kBN, T, kIntervals>;
   constexpr int kBM = Tr::kBM;
   auto kernel = fmha_fwd_kernel<Tr>;
   static std::atomic<uint64_t> smem_set{0};
@@ -153,9 +154,10 @@ static bool sm90_disabled() {
 
 // Launches the wgmma kernel when the call qualifies (Hopper, dense or varlen, 16-byte aligned strides); returns
 // false (and launches nothing) otherwise so the caller uses the portable kernel.
-template <int kD, int kBN, int kStages, typename T, int kSched, bool kIndex = false, int kConsumers = 2>
+template <int kD, int kBN, int kStages, typename T, int kSched, bool kIndex = false, int kConsumers = 2,
+          bool kIntervals = false>
 static bool try_launch_sm90(const SkFmhaParams& p, cudaStream_t stream, cudaError_t* err) {
-  using Tr = sm90::Sm90Traits<kD, kBN, kStages, T, kSched, kIndex, kConsumers>;
+  using Tr = sm90::Sm90Traits<kD, kBN, kStages, T, kSched, kIndex, kConsumers, kIntervals>;
   const bool varlen_q = p.cu_seqlens_q != nullptr, varlen_k = p.cu_seqlens_k != nullptr;
   const bool bf16 = p.is_bf16 != 0;
   sm90::TmaParams tma;
@@ -228,6 +230,13 @@ static bool dispatch_sm90(const SkFmhaParams& p, cudaStream_t stream, cudaError_
   if (p.kv_indices) {
     // Index lists: one list per 128-row query tile, runs of whole 128-key tiles, dense (not varlen) inputs.
     if (p.index_block_q != 128 || (p.kv_index_run > 1 && p.kv_index_run % 128 != 0) || p.cu_seqlens_q) return false;
+    if (p.kv_intervals) {
+      switch (p.head_dim) {
+        case 64: return try_launch_sm90<64, 128, 4, T, 3, true, 2, true>(p, stream, err);
+        case 128: return try_launch_sm90<128, 128, 2, T, 3, true, 2, true>(p, stream, err);
+        default: return false;
+      }
+    }
     switch (p.head_dim) {
       case 64: return try_launch_sm90<64, 128, 4, T, 3, true>(p, stream, err);
       case 128: return try_launch_sm90<128, 128, 2, T, 3, true>(p, stream, err);
@@ -267,6 +276,19 @@ static cudaError_t dispatch(const SkFmhaParams& p, cudaStream_t stream) {
     const long blocks128 = (long)((p.seqlen_q + 127) / 128) * p.heads_q * p.batch;
     small_tiles = blocks128 < 2L * num_sms();
   }
+  if (p.kv_intervals) {  // index lists with query intervals: their own instantiations
+    switch (p.head_dim) {
+      case 64:
+        return small_tiles ? launch<64, 4, 1, 64, T, true>(p, stream) : launch<64, 4, 2, 64, T, true>(p, stream);
+      case 128:
+        return small_tiles ? launch<128, 4, 1, 64, T, true>(p, stream) : launch<128, 4, 2, 32, T, true>(p, stream);
+      case 256:
+        if (p.index_block_q != 64) return (cudaError_t)kErrBadIndexBlock;
+        return launch<256, 4, 1, 32, T, true>(p, stream);
+      default:
+        return (cudaError_t)kErrBadHeadDim;
+    }
+  }
   switch (p.head_dim) {
     case 64:
       return small_tiles ? launch<64, 4, 1, 64, T>(p, stream) : launch<64, 4, 2, 64, T>(p, stream);
@@ -287,6 +309,7 @@ extern "C" int sk_fmha_fwd(const SkFmhaParams* params, void* stream) {
   if (p.heads_kv <= 0 || p.heads_q % p.heads_kv != 0) return sparsek::kErrBadHeads;
   if (p.kv_indices && p.index_block_q != 64 && p.index_block_q != 128) return sparsek::kErrBadIndexBlock;
   if (p.kv_indices && p.kv_index_run > 1 && p.kv_index_run % 64 != 0) return sparsek::kErrBadIndexRun;
+  if (p.kv_intervals && (!p.kv_indices || p.kv_index_run > 1)) return sparsek::kErrBadIntervals;
   auto s = static_cast<cudaStream_t>(stream);
   return p.is_bf16 ? sparsek::dispatch<__nv_bfloat16>(p, s) : sparsek::dispatch<half>(p, s);
 }
@@ -301,9 +324,11 @@ extern "C" const char* sk_error_string(int code) {
       return "heads_q must be a positive multiple of heads_kv";
     case sparsek::kErrBadIndexRun:
       return "kv_index_run must be 0, 1 or a multiple of 64";
+    case sparsek::kErrBadIntervals:
+      return "kv_intervals needs token lists (kv_indices with kv_index_run 0 or 1)";
     default:
       return cudaGetErrorString(static_cast<cudaError_t>(code));
   }
 }
 
-extern "C" int sk_abi_version(void) { return 3; }
+extern "C" int sk_abi_version(void) { return 4; }

@@ -89,9 +89,12 @@ __device__ __forceinline__ int swz(int row, int chunk) {
 }
 
 // kD head dim, kWarps warps of kMT m16 tiles each (kBM = 16 * kMT * kWarps query rows), kBN keys per tile.
-template <int kD_, int kWarps_, int kMT_, int kBN_, typename T_>
+// kIntervals_: index-list mode with a query interval per listed key (kv_intervals); a separate instantiation so that
+// the other kernels keep their registers and shared memory.
+template <int kD_, int kWarps_, int kMT_, int kBN_, typename T_, bool kIntervals_ = false>
 struct FmhaTraits {
   using T = T_;
+  static constexpr bool kIntervals = kIntervals_;
   static constexpr int kD = kD_;
   static constexpr int kWarps = kWarps_;
   static constexpr int kMT = kMT_;
@@ -101,7 +104,7 @@ struct FmhaTraits {
   static constexpr int kChunks = kD / 8;  // 16-byte chunks per row
   static constexpr bool kQInRegs = kD * kMT <= 128;  // keep Q fragments in registers when they fit
   static constexpr int kMinBlocks = 1;
-  static constexpr int kSmemBytes = (kBM * kD + 4 * kBN * kD) * 2 + 2 * kBN * 4;
+  static constexpr int kSmemBytes = (kBM * kD + 4 * kBN * kD) * 2 + (kIntervals ? 2 : 1) * 2 * kBN * 4;
   static_assert(kD % 64 == 0, "head dim must be a multiple of 64 for the swizzle");
   static_assert(kBN % 16 == 0, "kBN must be a multiple of 16");
 };
@@ -122,6 +125,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) fmha_fwd_kernel(
   T* sK = sQ + kBM * kD;          // [2][kBN][kD]
   T* sV = sK + 2 * kBN * kD;      // [2][kBN][kD]
   int* sPos = reinterpret_cast<int*>(sV + 2 * kBN * kD);  // [2][kBN] key positions (-1 = invalid)
+  int* sIv = sPos + 2 * kBN;  // [2][kBN] query intervals of listed keys (lo | hi << 16), with kv_intervals
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t4 = lane & 3;
@@ -163,6 +167,13 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) fmha_fwd_kernel(
     list = p.kv_indices + s.b * p.kv_indices_batch_stride + hk * p.kv_indices_head_stride +
            ib * p.kv_indices_block_stride;
     list_n = p.kv_counts[s.b * p.kv_counts_batch_stride + hk * p.kv_counts_head_stride + ib];
+  }
+  // Query intervals of the list entries (kIntervals: kv_intervals, same layout as kv_indices).
+  const int32_t* ivlist = nullptr;
+  int row_in_list = 0;  // row of m0 inside its list's query block
+  if constexpr (Tr::kIntervals) {
+    ivlist = p.kv_intervals + (list - p.kv_indices);
+    row_in_list = m0 - (m0 / p.index_block_q) * p.index_block_q;
   }
   // Contiguous band.
   int lo = 0, hi = 0;
@@ -236,6 +247,9 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) fmha_fwd_kernel(
       cp_async_16(smem_u32(dK + swz<kD>(r, ch)), ks, ok ? 16 : 0);
       cp_async_16(smem_u32(dV + swz<kD>(r, ch)), vs, ok ? 16 : 0);
       if (ch == 0) sPos[stage * kBN + r] = j;
+      if constexpr (Tr::kIntervals) {
+        if (ch == 0) sIv[stage * kBN + r] = in_list && base + r < list_n ? ivlist[base + r] : 0;
+      }
     }
   };
 
@@ -342,6 +356,22 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) fmha_fwd_kernel(
             bool ok = j >= 0 && (p.window_right < 0 || j <= qp + p.window_right);
             if (!in_list) ok = ok && (p.window_left < 0 || j >= qp - p.window_left);
             if (!ok) acc_s[r >> 1][nt][(r & 1) * 2 + c] = -INFINITY;
+          }
+        }
+      }
+      if constexpr (Tr::kIntervals) {
+        if (in_list) {  // listed key j only for the query rows lo <= row < hi of its list's block
+#pragma unroll
+          for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+              const int iv = sIv[stage * kBN + nt * 8 + 2 * t4 + c];
+#pragma unroll
+              for (int r = 0; r < 2 * kMT; ++r) {
+                const int row = qpos[r] - pos_min + row_in_list;
+                if (row < (iv & 0xffff) || row >= (iv >> 16)) acc_s[r >> 1][nt][(r & 1) * 2 + c] = -INFINITY;
+              }
+            }
           }
         }
       }

@@ -182,11 +182,15 @@ __device__ __forceinline__ float4 ld_cluster_f4(uint32_t addr) {
 // kSched bit 0: software-pipelined consumer (softmax of S_j overlaps P_{j-1} V_{j-1});
 // kSched bit 1: ping-pong between the consumer warpgroups (named barriers order their GEMM issue, round robin).
 // kIndex_: index-list (sparse) mode. kConsumers_: consumer warpgroups of 64 query rows each (2 or 3).
-template <int kD_, int kBN_, int kStages_, typename T_, int kSched_ = 1, bool kIndex_ = false, int kConsumers_ = 2>
+// kIntervals_: index mode with a query interval per listed key (kv_intervals).
+template <int kD_, int kBN_, int kStages_, typename T_, int kSched_ = 1, bool kIndex_ = false, int kConsumers_ = 2,
+          bool kIntervals_ = false>
 struct Sm90Traits {
   using T = T_;
   static constexpr int kD = kD_, kBN = kBN_, kStages = kStages_, kSched = kSched_;
   static constexpr bool kIndex = kIndex_;
+  static constexpr bool kIntervals = kIntervals_;
+  static_assert(kIndex || !kIntervals, "query intervals belong to index lists");
   static constexpr int kConsumers = kConsumers_;
   static_assert(kConsumers == 2 || (kConsumers == 3 && !kIndex), "3 consumer warpgroups: dense/varlen only");
   static constexpr bool kPipeline = kSched & 1, kPingPong = kSched & 2;
@@ -205,8 +209,8 @@ struct Sm90Traits {
   static_assert(128 * kProducerRegs + 128 * kConsumers * kConsumerRegs <= 128 * (kConsumers + 1) * kLaunchRegs,
                 "setmaxnreg split exceeds the registers the CTA is launched with");
   static constexpr int kPosBytes = kIndex ? kStages * kBN * 4 : 0;  // key position of every K/V tile row
-  static constexpr int kSmemBytes =
-      1024 /*alignment slack*/ + 2 * kQBytes + 2 * kStages * kKVBytes + 256 /*barriers*/ + kPosBytes;
+  static constexpr int kSmemBytes = 1024 /*alignment slack*/ + 2 * kQBytes + 2 * kStages * kKVBytes +
+                                    256 /*barriers*/ + (kIntervals ? 2 : 1) * kPosBytes /*positions, intervals*/;
 };
 
 // One unit of work of the persistent kernel: a 128-row query block of one (sequence, head).
@@ -214,6 +218,7 @@ struct Sm90Traits {
 struct WorkTile {
   int b, h, m0, q_start, sq, k_start, sk, off, pos_min, pos_max, lo, hi, n_tiles;
   const int32_t* list;
+  const int32_t* ivlist;  // query interval (lo | hi << 16) of every list entry, or null
   int list_n, n_list;
   bool valid;
 };
@@ -253,8 +258,10 @@ __device__ __forceinline__ WorkTile work_tile(const SkFmhaParams& p, int item, i
     if (p.window_left < 0) lo = hi = 0;  // no band: only the listed keys
     if (w.valid) {
       const int hk = w.h / (p.heads_q / p.heads_kv), ib = w.m0 / p.index_block_q;
-      w.list = p.kv_indices + w.b * p.kv_indices_batch_stride + hk * p.kv_indices_head_stride +
-               ib * p.kv_indices_block_stride;
+      const int64_t at =
+          w.b * p.kv_indices_batch_stride + hk * p.kv_indices_head_stride + ib * p.kv_indices_block_stride;
+      w.list = p.kv_indices + at;
+      w.ivlist = p.kv_intervals ? p.kv_intervals + at : nullptr;
       w.list_n = p.kv_counts[w.b * p.kv_counts_batch_stride + hk * p.kv_counts_head_stride + ib];
       w.n_list = p.kv_index_run > 1 ? w.list_n * (p.kv_index_run / kBN) : (w.list_n + kBN - 1) / kBN;
     }
@@ -305,6 +312,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   uint64_t* q_empty = v_empty + kStages;  // [2]
   uint64_t* pos_empty = q_empty + 2;  // index mode: consumers are done reading a stage's key positions
   int* sPos = reinterpret_cast<int*>(base + 2 * Tr::kQBytes + 2 * kStages * Tr::kKVBytes + 256);  // [kStages][kBN]
+  int* sIv = sPos + kStages * kBN;  // [kStages][kBN] query intervals of listed keys (kv_intervals)
   static_assert((2 + 5 * kStages) * 8 <= 256, "barriers must fit their 256 bytes");
   // Index mode: all 128 producer threads arrive on the K/V "full" barriers (TMA tiles: thread 0 with the byte count).
   constexpr int kFullCount = Tr::kIndex ? 128 : 1;
@@ -353,6 +361,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           const int stage = kv_iter % kStages;
           const int empty_phase = ((kv_iter / kStages) - 1) & 1;
           int j, tma_row = -1;  // this thread's key position; first row of a TMA tile (-1: gathered tile)
+          int iv = 0;           // its query interval (kv_intervals)
           if (tile < w.n_list) {
             if (run > 1) {
               const int e = tile * kBN;  // offset into the concatenated runs
@@ -364,6 +373,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
               const int e = tile * kBN + tid;
               j = e < w.list_n ? __ldg(w.list + e) : -1;
               if (j >= w.sk) j = -1;
+              if (Tr::kIntervals && e < w.list_n) iv = __ldg(w.ivlist + e);
             }
           } else {
             const int n0 = w.lo + (tile - w.n_list) * kBN;
@@ -377,6 +387,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
             mbar_wait(&pos_empty[stage], empty_phase);
           }
           sPos[stage * kBN + tid] = j;  // published by the K barrier's (release) arrivals
+          if constexpr (Tr::kIntervals) sIv[stage * kBN + tid] = iv;
           if (tma_row >= 0) {
             if (tid == 0) {
               mbar_expect_tx(&k_full[stage], Tr::kKVBytes);
@@ -489,14 +500,19 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     const int n0 = w.lo + (tile - w.n_list) * kBN;
     const int pos_stage = (kv_base + tile) % kStages;
     if (listed) {  // listed keys: positions from the producer (with K), masked only by j <= pos + window_right
-      const int* pos = sPos + pos_stage * kBN;
+      const int* pos = sPos + pos_stage * kBN;  // and, with kv_intervals, by the key's query interval
+      const int* ivs = sIv + pos_stage * kBN;
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt) {
         const int2 jj = *reinterpret_cast<const int2*>(pos + nt * 8 + 2 * t4);
+        const int2 ii = Tr::kIntervals ? *reinterpret_cast<const int2*>(ivs + nt * 8 + 2 * t4) : make_int2(0, 0);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int j = (e & 1) ? jj.y : jj.x;
-          const bool ok = j >= 0 && (p.window_right < 0 || j <= qpos[e >> 1] + p.window_right);
+          const int iv = (e & 1) ? ii.y : ii.x;
+          const int row = r0 + (e >> 1) * 8;  // row in the 128-query block = in its list's block
+          bool ok = j >= 0 && (p.window_right < 0 || j <= qpos[e >> 1] + p.window_right);
+          if (Tr::kIntervals) ok = ok && row >= (iv & 0xffff) && row < (iv >> 16);
           if (!ok) acc_s[nt * 4 + e] = -INFINITY;
         }
       }

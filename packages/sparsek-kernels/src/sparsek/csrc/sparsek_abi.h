@@ -49,6 +49,10 @@ typedef struct {
   // first position of R consecutive keys (block-sparse lists without expanding them to tokens).
   int32_t kv_index_run;
   int32_t pad1;
+  // Optional with kv_indices and kv_index_run <= 1: query interval of every list entry (same strides as kv_indices),
+  // lo | hi << 16: entry e of list m is attended only by the list's queries r (relative to m*index_block_q) with
+  // lo <= r < hi (a per-query selection written as one list per block; see sparsek/selection_intervals.py).
+  const int32_t* kv_intervals;
 } SkFmhaParams;
 
 // Returns 0 (cudaSuccess) or a cudaError_t / negative sparsek error code; never aborts.

@@ -22,6 +22,7 @@ from .dense import band_mask, masked_softmax_attention
 __all__ = [
     "block_mask_from_indices",
     "block_sparse_attention_ref",
+    "interval_index_mask",
     "select_limits",
     "sparsek_attention_ref",
     "sparsek_mask_ref",
@@ -256,6 +257,36 @@ def topk_index_mask(
     allowed = listed
     if causal:
         allowed = allowed & band_mask(seqlen_q, seqlen_k, -1, 0, dev)
+    if window > 0:
+        allowed = allowed | band_mask(seqlen_q, seqlen_k, window - 1, 0, dev)
+    return allowed
+
+
+def interval_index_mask(
+    indices: torch.Tensor,
+    intervals: torch.Tensor,
+    seqlen_q: int,
+    seqlen_k: int,
+    block_size: int,
+    *,
+    window: int = 0,
+) -> torch.Tensor:
+    """Boolean ``[B, Hkv, Sq, Sk]`` mask of block lists with a query interval per entry, plus the causal band.
+
+    Query ``t`` of block ``m`` (position ``pos``) sees listed key ``indices[b, h, m, e] >= 0`` when
+    ``lo <= t < hi`` (``intervals[b, h, m, e] = lo | hi << 16``) and ``j <= pos``, and its band
+    ``[pos - window + 1, pos]`` when ``window > 0``. Per-query SparseK selection in this form:
+    [`sparsek.selection_intervals`][sparsek.selection_intervals].
+    """
+    b, h, rows, n = indices.shape
+    dev = indices.device
+    t = torch.arange(block_size, device=dev)
+    lo, hi = (intervals & 0xFFFF).long(), (intervals >> 16).long()
+    vis = (indices >= 0).unsqueeze(-2) & (t.view(-1, 1) >= lo.unsqueeze(-2)) & (t.view(-1, 1) < hi.unsqueeze(-2))
+    idx = torch.where(vis, indices.long().unsqueeze(-2), seqlen_k)  # [B, H, rows, bs, n]
+    listed = torch.zeros(b, h, rows, block_size, seqlen_k + 1, dtype=torch.bool, device=dev)
+    listed.scatter_(-1, idx, True)
+    allowed = listed[..., :seqlen_k].flatten(2, 3)[:, :, :seqlen_q] & band_mask(seqlen_q, seqlen_k, -1, 0, dev)
     if window > 0:
         allowed = allowed | band_mask(seqlen_q, seqlen_k, window - 1, 0, dev)
     return allowed
