@@ -11,8 +11,9 @@
 //
 // Index-list (sparse) mode (kIndex): a 128-row query block also attends the keys of its list. Runs of 128 keys
 // (block-sparse lists) and the band arrive by TMA; token lists are gathered by the 4 producer warps (32 key rows each,
-// whole rows per request) with cp.async into the same 128-byte-swizzled layout, completing on the same mbarriers. The key position of
-// every tile row is published in shared memory with the V tile for the consumers' mask.
+// whole rows per request) with cp.async into the same 128-byte-swizzled layout, completing on the same mbarriers.
+// The key position of every tile row is published in shared memory with the K tile for the consumers' mask (and read
+// back by the gathering warp). Measured: one-row TMA boxes gather 15-20% slower than cp.async (PERF_NOTES s7).
 #pragma once
 
 #include <cuda.h>
@@ -114,22 +115,24 @@ __device__ __forceinline__ void issue_pv(float* acc_o, const uint32_t (*pa)[4], 
   wgmma_commit();
 }
 
-// Index-list mode: producer warp `warp` copies key rows j (j < 0: zeros) into rows [32 warp, 32 warp + 32) of a
-// [kBlocksD][kBN][64] tile with the 128-byte swizzle TMA uses (16-byte chunk c of row r at c ^ (r % 8)). `j_mine` is
-// the key of row 32 warp + lane; each step copies whole rows with consecutive lanes on consecutive 16-byte chunks, so
-// every request reads full 32-byte sectors.
+// Index-list mode: producer warp `warp` copies key rows into rows [32 warp, 32 warp + 32) of a [kBlocksD][kBN][64]
+// tile with the 128-byte swizzle TMA uses (16-byte chunk c of row r at c ^ (r % 8)). `pos` holds the key of every
+// tile row (j < 0: zeros), written by this warp's lanes for their own rows (the caller __syncwarp()s). Each step
+// copies whole rows with consecutive lanes on consecutive 16-byte chunks, so every request reads full 32-byte sectors;
+// the keys are read from shared memory (independent loads, no shuffle chain), several steps in flight.
 template <int kD, int kBN, typename T>
-__device__ __forceinline__ void gather_rows(T* tile, const T* base, int64_t row_stride, int warp, int lane, int j_mine) {
+__device__ __forceinline__ void gather_rows(T* tile, const T* base, int64_t row_stride, int warp, int lane,
+                                            const int* pos) {
   constexpr int kChunks = kD / 8, kRowsPerStep = 32 / kChunks;
   const int ch = lane % kChunks;
   const uint32_t dst0 = smem_u32(tile) + (ch / 8) * kBN * 128;
-#pragma unroll 1  // unrolled, the producer's addresses spill at its register budget
+  const int r0 = warp * 32 + lane / kChunks;
+  const T* src0 = base + ch * 8;
+#pragma unroll 2
   for (int i = 0; i < kChunks; ++i) {
-    const int rl = i * kRowsPerStep + lane / kChunks;
-    const int j = __shfl_sync(0xffffffff, j_mine, rl);
-    const int r = warp * 32 + rl;
-    const T* src = j >= 0 ? base + (int64_t)j * row_stride + ch * 8 : base;
-    cp_async_16(dst0 + r * 128 + (((ch % 8) ^ (r & 7)) << 4), src, j >= 0 ? 16 : 0);
+    const int r = r0 + i * kRowsPerStep;
+    const int j = pos[r];
+    cp_async_16(dst0 + r * 128 + (((ch % 8) ^ (r & 7)) << 4), src0 + (int64_t)max(j, 0) * row_stride, j >= 0 ? 16 : 0);
   }
 }
 
@@ -357,6 +360,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         }
         const T* kbase = reinterpret_cast<const T*>(p.k) + w.b * p.k_batch_stride + hk * p.k_head_stride;
         const T* vbase = reinterpret_cast<const T*>(p.v) + w.b * p.v_batch_stride + hk * p.v_head_stride;
+        int j_next = run == 1 && w.n_list > 0 && tid < w.list_n ? __ldg(w.list + tid) : -1;
         for (int tile = 0; tile < w.n_tiles; ++tile, ++kv_iter) {
           const int stage = kv_iter % kStages;
           const int empty_phase = ((kv_iter / kStages) - 1) & 1;
@@ -371,7 +375,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
               j = first >= 0 && first + tid < w.sk ? first + tid : -1;
             } else {
               const int e = tile * kBN + tid;
-              j = e < w.list_n ? __ldg(w.list + e) : -1;
+              j = e < w.list_n ? j_next : -1;
+              // the next tile's entry loads while this tile waits and gathers
+              j_next = tile + 1 < w.n_list && e + kBN < w.list_n ? __ldg(w.list + e + kBN) : -1;
               if (j >= w.sk) j = -1;
               if (Tr::kIntervals && e < w.list_n) iv = __ldg(w.ivlist + e);
             }
@@ -397,7 +403,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
               mbar_arrive(&k_full[stage]);
             }
           } else {
-            gather_rows<kD, kBN>(dK, kbase, p.k_row_stride, tid / 32, tid % 32, j);
+            __syncwarp();  // this warp's rows of sPos are written
+            gather_rows<kD, kBN>(dK, kbase, p.k_row_stride, tid / 32, tid % 32, sPos + stage * kBN);
             cp_async_mbar_arrive(&k_full[stage]);
             mbar_arrive(&k_full[stage]);
           }
@@ -411,7 +418,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
               mbar_arrive(&v_full[stage]);
             }
           } else {
-            gather_rows<kD, kBN>(dV, vbase, p.v_row_stride, tid / 32, tid % 32, j);
+            gather_rows<kD, kBN>(dV, vbase, p.v_row_stride, tid / 32, tid % 32, sPos + stage * kBN);
             cp_async_mbar_arrive(&v_full[stage]);
             mbar_arrive(&v_full[stage]);
           }
