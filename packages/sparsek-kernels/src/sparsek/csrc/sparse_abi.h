@@ -1,5 +1,5 @@
-// C ABI of sparsek's sparse-attention kernels (sparse_select.cu, topk_attention.cu). Keep in sync with
-// sparsek/sparse.py (ctypes). All functions return 0 (cudaSuccess) or a cudaError_t; they never abort and launch on
+// C ABI of sparsek's sparse-attention kernels (sparse_select.cu, interval_build.cu, topk_attention.cu). Keep in sync
+// with sparsek/sparse.py (ctypes). All functions return 0 (cudaSuccess) or a cudaError_t; they never abort and launch on
 // the stream passed in.
 #pragma once
 #include <stdint.h>
@@ -21,6 +21,20 @@ int sk_sparse_abi_version(void);
 int sk_topk_select(const float* scores, int64_t score_batch_stride, int64_t score_head_stride,
                    int64_t score_row_stride, int32_t batch, int32_t heads, int32_t rows, int32_t seqlen_k, int32_t k,
                    int32_t off, int32_t step, int32_t* out_indices, int32_t* out_counts, void* stream);
+
+// Block-union key lists with query intervals (interval_build.cu): the CUDA version of
+// sparsek.selection_intervals.block_union_intervals, with identical outputs. One CTA per (b, h, block m).
+// Inputs (int32, contiguous): ranks [B, H, Sk] (selection rank of each key, 0 = best), order [B, H, Sk] (key of each
+// rank), fin_prefix [B, H, Sk + 1] (number of keys with a score other than -inf in [0, j)), first_sets
+// [B, H, num_blocks, num_sets] (block m's first-query selection, -1 padded, distinct keys in [0, Sk): entries outside
+// [0, Sk) count as padding). Query i of the block selects among keys [0, clamp(off + i, 0, Sk)).
+// Output: lists and intervals [B, H, num_blocks, width] (intervals lo | hi << 16), counts [B, H, num_blocks];
+// width = min(num_sets + min(block_size - 1, k) + block_size - 1, k + block_size - 1). 1 <= block_size <= 1024.
+// Returns cudaErrorInvalidValue when the shared-memory working set (about 4 * num_sets bytes) does not fit.
+int sk_interval_build(const int32_t* ranks, const int32_t* order, const int32_t* fin_prefix,
+                      const int32_t* first_sets, int32_t batch, int32_t heads, int32_t num_blocks, int32_t num_sets,
+                      int32_t seqlen_k, int32_t k, int64_t seqlen_q, int64_t off, int32_t block_size, int32_t width,
+                      int32_t* lists, int32_t* intervals, int32_t* counts, void* stream);
 
 // Per-query top-k attention forward (gather kernel). Query i of batch b (position pos = i + Sk - Sq) and every
 // query head of KV head h = hq / (Hq / Hkv) attend:
