@@ -23,13 +23,33 @@ import torch
 INTERVAL_SHIFT = 16
 
 
-def key_ranks(scores: torch.Tensor) -> torch.Tensor:
-    """int32 rank of every key in the selection order (0 = best): higher score first, ties to the lower position;
-    ``-inf`` keys rank after every finite one. ``scores``: ``[B, H, Sk]``."""
+def key_order_and_ranks(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The selection order of the keys (int64 ``[B, H, Sk]``: key of rank ``r``) and its inverse, the int32 rank of
+    every key (see [`key_ranks`][sparsek.selection_intervals.key_ranks])."""
     order = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices
     ranks = torch.empty_like(order)
     ranks.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
-    return ranks.to(torch.int32)
+    return order, ranks.to(torch.int32)
+
+
+def key_ranks(scores: torch.Tensor) -> torch.Tensor:
+    """int32 rank of every key in the selection order (0 = best): higher score first, ties to the lower position;
+    ``-inf`` keys rank after every finite one. ``scores``: ``[B, H, Sk]``."""
+    return key_order_and_ranks(scores)[1]
+
+
+def selectable_prefix(scores: torch.Tensor) -> torch.Tensor:
+    """int32 ``[B, H, Sk + 1]``: number of selectable keys (score other than ``-inf``) in ``[0, j)``."""
+    finite = torch.isfinite(scores) | (scores > 0)
+    return torch.nn.functional.pad(finite.to(torch.int32).cumsum(-1, dtype=torch.int32), (1, 0))
+
+
+def union_width(num_sets: int, k: int, block_size: int) -> int:
+    """Width ``n`` of the lists [`block_union_intervals`][sparsek.selection_intervals.block_union_intervals] returns
+    for ``first_sets`` of width ``num_sets``: the strong members and candidates it concatenates, at most
+    ``k + block_size - 1``."""
+    nw = min(block_size - 1, k)
+    return min(num_sets + nw + block_size - 1, k + block_size - 1)
 
 
 def block_union_intervals(

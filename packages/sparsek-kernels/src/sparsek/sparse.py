@@ -34,7 +34,7 @@ from .reference.sparse import (
     topk_attention_ref,
     topk_rows_ref,
 )
-from .selection_intervals import block_union_intervals
+from .selection_intervals import block_union_intervals, key_order_and_ranks, selectable_prefix, union_width
 
 __all__ = [
     "BlockSparseLayout",
@@ -182,8 +182,12 @@ def _sparse_lib(device: torch.device) -> ctypes.CDLL:
         lib.sk_topk_select.restype = ctypes.c_int
         lib.sk_topk_attn_fwd.argtypes = [ctypes.POINTER(SkTopkAttnParams), _ptr]
         lib.sk_topk_attn_fwd.restype = ctypes.c_int
-        if lib.sk_sparse_abi_version() != 1:
+        if lib.sk_sparse_abi_version() != 2:
             raise _lib.KernelUnavailable("stale sparsek library: sparse ABI version mismatch")
+        lib.sk_interval_build.argtypes = [
+            _ptr, _ptr, _ptr, _ptr, _i32, _i32, _i32, _i32, _i32, _i32, _i64, _i64, _i32, _i32, _ptr, _ptr, _ptr, _ptr
+        ]  # fmt: skip
+        lib.sk_interval_build.restype = ctypes.c_int
         _BOUND.add(id(lib))
     return lib
 
@@ -207,6 +211,10 @@ def _kernel_or_fallback(device: torch.device) -> ctypes.CDLL | None:
 
 _FRAG = torch.library.Library("sparsek", "FRAGMENT")
 _FRAG.define("topk_select(Tensor scores, int k, int num_rows, int off, int step) -> (Tensor, Tensor)")
+_FRAG.define(
+    "block_union_intervals(Tensor scores, Tensor first_sets, int k, int seqlen_q, int off, int block_size) "
+    "-> (Tensor, Tensor, Tensor)"
+)
 _FRAG.define(
     "topk_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor indices, float scale, int window, bool causal, "
     "bool return_lse) -> (Tensor, Tensor)"
@@ -263,6 +271,82 @@ def _topk_select_cuda(scores, k, num_rows, off, step):
 @torch.library.register_fake("sparsek::topk_select")
 def _topk_select_fake(scores, k, num_rows, off, step):
     return _select_alloc(scores, k, num_rows)
+
+
+#: Largest ``first_sets`` width and ``block_size`` the interval-build kernel takes (``csrc/interval_build.cu``: the
+#: block's ranks are sorted in shared memory, 4 bytes each); larger ones run the PyTorch implementation.
+INTERVAL_KERNEL_MAX_SETS = 16384
+INTERVAL_KERNEL_MAX_BLOCK = 1024
+_I32_MAX = 2**31 - 1
+
+
+def _check_union_args(scores, first_sets, k, seqlen_q, off, block_size) -> int:
+    """Checks of ``block_union_intervals``'s arguments (shapes, dtypes, devices, ranges); returns the list width."""
+    check_tensor("scores", scores, 3)
+    if not scores.dtype.is_floating_point:
+        raise TypeError(f"scores must be a floating-point tensor, got {scores.dtype}")
+    check_tensor("first_sets", first_sets, 4)
+    if first_sets.dtype != torch.int32:
+        raise TypeError(f"first_sets must be int32, got {first_sets.dtype}")
+    if first_sets.device != scores.device:
+        raise ValueError(f"first_sets must be on {scores.device} (like scores), got {first_sets.device}")
+    if tuple(first_sets.shape[:2]) != tuple(scores.shape[:2]):
+        raise ValueError(
+            f"first_sets must be [B, H, num_blocks, n] with B, H of scores {tuple(scores.shape)}, "
+            f"got shape {tuple(first_sets.shape)}"
+        )
+    if first_sets.shape[3] < 1:
+        raise ValueError(f"first_sets must hold at least one entry per block, got shape {tuple(first_sets.shape)}")
+    if scores.shape[2] >= _I32_MAX:
+        raise ValueError(f"scores has too many keys ({scores.shape[2]}); at most {_I32_MAX - 1}")
+    k = _check_int("k", k, lo=1, hi=_I32_MAX)
+    _check_int("seqlen_q", seqlen_q, lo=0, hi=2**62)
+    _check_int("off", off, lo=-(2**62), hi=2**62)
+    block_size = _check_int("block_size", block_size, lo=1, hi=2**15 - 1)
+    return union_width(first_sets.shape[3], k, block_size)
+
+
+def _union_alloc(first_sets: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    b, h, nb = first_sets.shape[:3]
+    lists = first_sets.new_empty((b, h, nb, n))
+    return lists, torch.empty_like(lists), first_sets.new_empty((b, h, nb))
+
+
+@torch.library.impl(_FRAG, "block_union_intervals", "CPU")
+def _block_union_intervals_cpu(scores, first_sets, k, seqlen_q, off, block_size):
+    _check_union_args(scores, first_sets, k, seqlen_q, off, block_size)
+    return block_union_intervals(scores, first_sets, k, seqlen_q, off, block_size)
+
+
+@torch.library.impl(_FRAG, "block_union_intervals", "CUDA")
+def _block_union_intervals_cuda(scores, first_sets, k, seqlen_q, off, block_size):
+    n = _check_union_args(scores, first_sets, k, seqlen_q, off, block_size)
+    sets = first_sets.shape[3]
+    lib = _kernel_or_fallback(scores.device)
+    if lib is None or sets > INTERVAL_KERNEL_MAX_SETS or block_size > INTERVAL_KERNEL_MAX_BLOCK:
+        return block_union_intervals(scores, first_sets, k, seqlen_q, off, block_size)
+    lists, intervals, counts = _union_alloc(first_sets, n)
+    if counts.numel() == 0:
+        return lists, intervals, counts
+    b, h, sk = scores.shape
+    order, ranks = key_order_and_ranks(scores)
+    order = order.to(torch.int32).contiguous()
+    ranks = ranks.contiguous()
+    fin_prefix = selectable_prefix(scores).contiguous()
+    fs = first_sets.contiguous()
+    with _lib.on_device(scores.device):
+        code = lib.sk_interval_build(
+            ranks.data_ptr(), order.data_ptr(), fin_prefix.data_ptr(), fs.data_ptr(), b, h, fs.shape[2], sets, sk,
+            k, seqlen_q, off, block_size, n, lists.data_ptr(), intervals.data_ptr(), counts.data_ptr(),
+            _stream(scores.device),
+        )  # fmt: skip
+    _lib.check(lib, code, "block interval build")
+    return lists, intervals, counts
+
+
+@torch.library.register_fake("sparsek::block_union_intervals")
+def _block_union_intervals_fake(scores, first_sets, k, seqlen_q, off, block_size):
+    return _union_alloc(first_sets, union_width(first_sets.shape[3], k, block_size))
 
 
 def _attn_alloc(q: torch.Tensor, return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -977,7 +1061,7 @@ def _per_query_by_blocks(q, k, v, scores, k_budget, window, scale, return_lse, v
     _, off, _ = select_limits(sq, sk, causal=True, window=window, block_size=None)
     nb = -(-sq // ibq)
     first, _ = torch.ops.sparsek.topk_select(scores, k_budget, nb, off, ibq)  # each block's first-query selection
-    lists, intervals, counts = block_union_intervals(scores, first, k_budget, sq, off, ibq)
+    lists, intervals, counts = torch.ops.sparsek.block_union_intervals(scores, first, k_budget, sq, off, ibq)
     wl = window - 1 if window > 0 else -1
     out, lse = torch.ops.sparsek.interval_attn_fwd(q, k, v, lists, intervals, counts, ibq, scale, wl, return_lse)
     return (out, lse) if return_lse else out
