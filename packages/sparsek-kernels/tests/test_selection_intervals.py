@@ -6,7 +6,7 @@ import pytest
 import torch
 from sparsek import sparse
 from sparsek.reference import sparse as R
-from sparsek.selection_intervals import INTERVAL_SHIFT, block_union_intervals, key_ranks
+from sparsek.selection_intervals import INTERVAL_SHIFT, block_union_intervals, key_ranks, union_width
 
 
 def _per_query_mask(scores, k, sq, window):
@@ -106,3 +106,51 @@ def test_block_intervals_in_chunks_equal_one_pass():
     for limit in (1, 2 * 6 * bs * bs * 3):  # one block per chunk; three blocks per chunk
         chunked = block_union_intervals(scores, first, k, sq, off, bs, max_elements=limit)
         assert all(torch.equal(a, c) for a, c in zip(whole, chunked))
+
+
+@pytest.mark.parametrize("sets_delta", [-3, 0, 5])
+@pytest.mark.parametrize("bs", [1, 16, 64])
+def test_block_union_intervals_op_cpu_and_width(sets_delta, bs):
+    """torch.ops.sparsek.block_union_intervals on CPU is the PyTorch implementation; union_width is its list width
+    (also for first sets narrower or wider than k); the fake implementation gives the same shapes."""
+    g = torch.Generator().manual_seed(bs)
+    sk, sq, k = 150, 120, 20
+    scores = (torch.randn(2, 3, sk, generator=g) * 2).round()
+    _, off, _ = R.select_limits(sq, sk, causal=True, window=0, block_size=None)
+    nb = -(-sq // bs)
+    first, _ = R.topk_rows_ref(scores, k, nb, off, bs)
+    first = torch.nn.functional.pad(first, (0, sets_delta), value=-1) if sets_delta >= 0 else first[..., :sets_delta]
+    ref = block_union_intervals(scores, first, k, sq, off, bs)
+    got = torch.ops.sparsek.block_union_intervals(scores, first, k, sq, off, bs)
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))
+    assert ref[0].shape[-1] == union_width(first.shape[-1], k, bs)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = torch.ops.sparsek.block_union_intervals(
+            mode.from_tensor(scores), mode.from_tensor(first), k, sq, off, bs
+        )
+    assert [tuple(t.shape) for t in fake] == [tuple(t.shape) for t in ref]
+    assert all(t.dtype == torch.int32 for t in fake)
+
+
+def test_block_union_intervals_op_rejects_bad_inputs():
+    s = torch.randn(1, 2, 50)
+    first = torch.zeros(1, 2, 1, 4, dtype=torch.int32)
+    op = torch.ops.sparsek.block_union_intervals
+    with pytest.raises(TypeError, match="first_sets must be int32"):
+        op(s, first.long(), 4, 10, 0, 64)
+    with pytest.raises(ValueError, match="first_sets must be"):
+        op(s, first[:, :1], 4, 10, 0, 64)
+    with pytest.raises(ValueError, match="first_sets must hold"):
+        op(s, first[..., :0], 4, 10, 0, 64)
+    with pytest.raises(ValueError, match="scores must have 3"):
+        op(s[0], first, 4, 10, 0, 64)
+    with pytest.raises(TypeError, match="scores must be a floating-point"):
+        op(s.long(), first, 4, 10, 0, 64)
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        op(s, first, 0, 10, 0, 64)
+    with pytest.raises(ValueError, match="block_size must be >= 1"):
+        op(s, first, 4, 10, 0, 0)
+    with pytest.raises(ValueError, match="seqlen_q must be >= 0"):
+        op(s, first, 4, -1, 0, 64)

@@ -1,0 +1,144 @@
+"""GPU tests of the interval-build kernel (``csrc/interval_build.cu``): ``torch.ops.sparsek.block_union_intervals``
+on CUDA must return exactly what the PyTorch implementation (``sparsek.selection_intervals``) returns."""
+
+from __future__ import annotations
+
+import itertools
+import zlib
+
+import pytest
+import torch
+from sparsek import sparse
+from sparsek.reference import sparse as R
+from sparsek.selection_intervals import block_union_intervals
+from sparsek.testing import rel_error, tolerance
+
+pytestmark = pytest.mark.gpu
+
+DEV = "cuda"
+
+
+def _scores(b, h, sk, kind, gen):
+    s = torch.randn(b, h, sk, device=DEV, generator=gen)
+    if kind in ("ties", "inf"):
+        s = (s * 2).round()  # integers cast to float: many ties
+    if kind in ("neginf", "inf"):
+        s = s.masked_fill(torch.rand(b, h, sk, device=DEV, generator=gen) < 0.3, float("-inf"))
+    if kind == "inf":
+        s = s.masked_fill(torch.rand(b, h, sk, device=DEV, generator=gen) < 0.1, float("inf"))
+    return s
+
+
+def _compare(scores, first, k, sq, off, bs):
+    junk = [torch.full((first.shape[:3].numel() * (k + bs),), -77, dtype=torch.int32, device=DEV) for _ in range(3)]
+    del junk  # outputs allocated next start with garbage: every element must be written
+    got = torch.ops.sparsek.block_union_intervals(scores, first, k, sq, off, bs)
+    torch.cuda.synchronize()
+    ref = block_union_intervals(scores, first, k, sq, off, bs)  # the PyTorch implementation, same device
+    for name, g, r in zip(("lists", "intervals", "counts"), got, ref):
+        assert g.dtype == r.dtype == torch.int32, name
+        assert g.shape == r.shape, f"{name}: shape {tuple(g.shape)} != {tuple(r.shape)}"
+        if not torch.equal(g, r):
+            bad = (g != r).nonzero()[:5].tolist()
+            pytest.fail(f"{name} differ at {bad}: kernel {[g[tuple(i)].item() for i in bad]}, "
+                        f"torch {[r[tuple(i)].item() for i in bad]}")  # fmt: skip
+
+
+_SIZES = [1, 100, 129, 1000, 4097]
+_CASES = [
+    (sk, k, bs)
+    for sk, k, bs in itertools.product(_SIZES, (1, 5, 64, 300, 2048), (64, 128))
+    if k <= sk
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("sk,k,bs", _CASES)
+@pytest.mark.parametrize("kind", ["plain", "ties", "neginf", "inf"])
+def test_interval_build_matches_torch(sk, k, bs, kind):
+    """Bit-identical lists, intervals and counts for random batch/head counts, query lengths and windows."""
+    seed = zlib.crc32(f"{sk},{k},{bs},{kind}".encode())
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    cpu = torch.Generator().manual_seed(seed)
+    for _ in range(3):
+        b, h = (int(x) for x in torch.randint(1, 4, (2,), generator=cpu))
+        sq = int(torch.randint(1, sk + 1, (1,), generator=cpu))
+        window = (0, 0, 1, 17, 700)[int(torch.randint(0, 5, (1,), generator=cpu))]
+        scores = _scores(b, h, sk, kind, gen)
+        _, off, _ = R.select_limits(sq, sk, causal=True, window=window, block_size=None)
+        nb = -(-sq // bs)
+        first, _ = torch.ops.sparsek.topk_select(scores, k, nb, off, bs)
+        _compare(scores, first, k, sq, off, bs)
+
+
+@pytest.mark.parametrize("bs", [1, 2, 16, 64, 128, 256])
+def test_interval_build_odd_inputs(bs):
+    """Other block sizes, half-precision scores, first sets of another width than k, blocks without queries,
+    repeated and out-of-order entries, and a large budget (k = 16384, the kernel's largest)."""
+    gen = torch.Generator(device=DEV).manual_seed(bs)
+    sk = 3001
+    scores = _scores(2, 3, sk, "inf", gen)
+    for sq, k, window in ((sk, 700, 0), (1000, 40, 9), (17, 5, 0)):
+        _, off, _ = R.select_limits(sq, sk, causal=True, window=window, block_size=None)
+        nb = -(-sq // bs)
+        first, _ = torch.ops.sparsek.topk_select(scores, k, nb, off, bs)
+        _compare(scores.half(), first, k, sq, off, bs)
+        _compare(scores, first[..., : max(1, k // 2)].contiguous(), k, sq, off, bs)  # narrower than k
+        _compare(scores, torch.nn.functional.pad(first, (0, 7), value=-1), k, sq, off, bs)  # wider than k
+        _compare(scores, first.flip(-1).contiguous(), k, sq, off, bs)  # any order
+        _compare(scores, first, k, max(0, sq - 3 * bs), off, bs)  # trailing blocks without queries
+        rep = first.clone()
+        rep[..., 1::3] = rep[..., 0:1]  # repeated entries (the kernel's sort path)
+        _compare(scores, rep, k, sq, off, bs)
+    big = _scores(1, 2, 40000, "ties", gen)
+    first, _ = torch.ops.sparsek.topk_select(big, 16384, 3, 20000, bs)
+    _compare(big, first, 16384, 3 * bs, 20000, bs)
+
+
+def test_interval_build_target_shape():
+    """The H100 target shape (B=1, H=16, Sk=32768, k=2048, 128-query blocks) and Sk = 131072."""
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    for sk, h in ((32768, 16), (131072, 2)):
+        scores = _scores(1, h, sk, "ties", gen)
+        first, _ = torch.ops.sparsek.topk_select(scores, 2048, sk // 128, 1, 128)
+        _compare(scores, first, 2048, sk, 1, 128)
+
+
+def test_interval_build_rejects_bad_inputs():
+    s = torch.randn(1, 2, 50, device=DEV)
+    first = torch.zeros(1, 2, 1, 4, dtype=torch.int32, device=DEV)
+    with pytest.raises(TypeError, match="first_sets"):
+        torch.ops.sparsek.block_union_intervals(s, first.long(), 4, 10, 0, 64)
+    with pytest.raises(ValueError, match="first_sets"):
+        torch.ops.sparsek.block_union_intervals(s, first[:, :1], 4, 10, 0, 64)
+    with pytest.raises(ValueError, match="first_sets"):
+        torch.ops.sparsek.block_union_intervals(s, first.cpu(), 4, 10, 0, 64)
+    with pytest.raises(ValueError, match="k must"):
+        torch.ops.sparsek.block_union_intervals(s, first, 0, 10, 0, 64)
+    with pytest.raises(ValueError, match="block_size"):
+        torch.ops.sparsek.block_union_intervals(s, first, 4, 10, 0, 0)
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("window", [0, 33])
+def test_sparsek_attention_per_query_cuda_vs_cpu(d, window):
+    """End to end: per-query SparseK attention (the interval path, block_size=None) on CUDA equals the CPU path and
+    the reference (the per-query mask) within the bf16 tolerance."""
+    gen = torch.Generator().manual_seed(d + window)
+    b, sq, sk, hq, hk = 2, 777, 1500, 4, 2
+    q, k, v = (torch.randn(b, s, hh, d, generator=gen).bfloat16() for s, hh in ((sq, hq), (sk, hk), (sk, hk)))
+    u = (torch.randn(b, hk, sk, generator=gen) * 2).round()  # ties
+    u[0, 0, ::5] = float("-inf")
+    budget = 300
+    out, lse = sparse.sparsek_attention(
+        q.to(DEV), k.to(DEV), v.to(DEV), u.to(DEV), budget, window, block_size=None, return_lse=True
+    )
+    qf, kf, vf = q.float(), k.float(), v.float()
+    cpu_out, cpu_lse = sparse.sparsek_attention(qf, kf, vf, u, budget, window, block_size=None, return_lse=True)
+    ref_out, ref_lse = R.sparsek_attention_ref(qf, kf, vf, u, budget, window, return_lse=True)
+    assert torch.allclose(cpu_out, ref_out, atol=1e-5)
+    assert torch.isfinite(out).all()
+    assert rel_error(out, cpu_out) <= tolerance(torch.bfloat16)
+    lse = lse.cpu()
+    fin = torch.isfinite(cpu_lse)
+    assert torch.equal(fin, torch.isfinite(lse))
+    assert torch.allclose(lse[fin], cpu_lse[fin], atol=2e-3, rtol=1e-4)
