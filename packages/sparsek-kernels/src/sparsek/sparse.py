@@ -9,9 +9,10 @@ Conventions (see ``docs/sparse.md``):
 * Index lists are int32 key positions, ``-1`` padded, one list per KV head: per query ``[B, Hkv, Sq, n]`` or shared
   by each block of ``block_size`` consecutive queries ``[B, Hkv, ceil(Sq / block_size), n]``.
 
-GPU ops are registered as ``torch.ops.sparsek.{topk_select, topk_attn_fwd, index_attn_fwd}`` (namespace fragment),
-with fake implementations, so they trace under ``torch.compile``. On CPU tensors the references in
-[`sparsek.reference.sparse`][sparsek.reference.sparse] run.
+GPU ops are registered as ``torch.ops.sparsek.{topk_select, block_union_intervals, topk_attn_fwd, index_attn_fwd}``
+(namespace fragment), with fake implementations, so they trace under ``torch.compile``. On CPU tensors the references
+in [`sparsek.reference.sparse`][sparsek.reference.sparse] and
+[`sparsek.selection_intervals`][sparsek.selection_intervals] run.
 """
 
 from __future__ import annotations
