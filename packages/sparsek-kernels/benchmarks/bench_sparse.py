@@ -124,8 +124,10 @@ class Runner:
             t_first = self.time(lambda: torch.ops.sparsek.topk_select(u, budget, nbq, off_pq, 128))
             self.add("sparsek", s, param, "per query: block first-query selection", t_first, pq_pairs, None)
             first = torch.ops.sparsek.topk_select(u, budget, nbq, off_pq, 128)[0]
-            t_ivb = self.time(lambda: block_union_intervals(u, first, budget, s, off_pq, 128))
-            self.add("sparsek", s, param, "per query: union lists + intervals", t_ivb, pq_pairs, None)
+            t_ivb = self.time(lambda: torch.ops.sparsek.block_union_intervals(u, first, budget, s, off_pq, 128))
+            self.add("sparsek", s, param, "per query: union lists + intervals (kernel)", t_ivb, pq_pairs, None)
+            t_ivt = self.time(lambda: block_union_intervals(u, first, budget, s, off_pq, 128))
+            self.add("sparsek", s, param, "per query: union lists + intervals (PyTorch)", t_ivt, pq_pairs, None)
             del first
             t_iv = self.time(lambda: sparse.sparsek_attention(q, k, v, u, budget, w, validate=False))
             self.add(
