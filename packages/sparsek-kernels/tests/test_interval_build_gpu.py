@@ -1,5 +1,6 @@
 """GPU tests of the interval-build kernel (``csrc/interval_build.cu``): ``torch.ops.sparsek.block_union_intervals``
-on CUDA must return exactly what the PyTorch implementation (``sparsek.selection_intervals``) returns."""
+on CUDA must return exactly what the PyTorch implementation (``sparsek.selection_intervals``) returns; so must the
+key order, ranks and selectable prefix that ``csrc/key_order.cu`` computes for it."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from sparsek import sparse
 from sparsek.reference import sparse as R
-from sparsek.selection_intervals import block_union_intervals
+from sparsek.selection_intervals import block_union_intervals, key_order_and_ranks, selectable_prefix
 from sparsek.testing import rel_error, tolerance
 
 pytestmark = pytest.mark.gpu
@@ -142,3 +143,91 @@ def test_sparsek_attention_per_query_cuda_vs_cpu(d, window):
     fin = torch.isfinite(cpu_lse)
     assert torch.equal(fin, torch.isfinite(lse))
     assert torch.allclose(lse[fin], cpu_lse[fin], atol=2e-3, rtol=1e-4)
+
+
+# ---- key order, ranks and selectable prefix (csrc/key_order.cu) ---------------------------------------------------
+
+
+def _order_scores(b, h, sk, kind, gen):
+    s = torch.randn(b, h, sk, device=DEV, generator=gen)
+    if kind != "plain":
+        s = (s * 2).round()  # integers: many ties
+    if kind == "zeros":  # -0.0 and +0.0 mixed (they tie)
+        s = (s * 0.3).round()
+        neg = torch.rand(b, h, sk, device=DEV, generator=gen) < 0.5
+        s = torch.where((s == 0) & neg, torch.tensor(-0.0, device=DEV), s.abs().where(s == 0, s))
+    if kind in ("inf", "neginf_rows"):
+        s = s.masked_fill(torch.rand(b, h, sk, device=DEV, generator=gen) < 0.3, float("-inf"))
+        s = s.masked_fill(torch.rand(b, h, sk, device=DEV, generator=gen) < 0.1, float("inf"))
+    if kind == "neginf_rows":
+        s[:, -1] = float("-inf")  # rows with -inf only
+        s[0, 0, : sk // 2] = float("-inf")
+    return s
+
+
+def _compare_order(scores):
+    order, ranks, prefix = sparse.key_order_cuda(scores)
+    ref_order, ref_ranks = key_order_and_ranks(scores)
+    ref_prefix = selectable_prefix(scores)
+    for name, g, r in (
+        ("order", order, ref_order.to(torch.int32)),
+        ("ranks", ranks, ref_ranks),
+        ("prefix", prefix, ref_prefix),
+    ):
+        assert g.dtype == r.dtype == torch.int32, name
+        assert g.shape == r.shape, f"{name}: shape {tuple(g.shape)} != {tuple(r.shape)}"
+        if not torch.equal(g, r):
+            bad = (g != r).nonzero()[:5].tolist()
+            pytest.fail(f"{name} ({scores.dtype}, {tuple(scores.shape)}) differ at {bad}: kernel "
+                        f"{[g[tuple(i)].item() for i in bad]}, torch {[r[tuple(i)].item() for i in bad]}")  # fmt: skip
+
+
+@pytest.mark.parametrize("sk", [1, 2, 1000, 4097, 131072])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["plain", "ties", "zeros", "inf", "neginf_rows"])
+def test_key_order_matches_torch(sk, dtype, kind):
+    """Order, ranks and prefix equal torch.sort's (descending, stable) and the PyTorch prefix count, exactly: ties,
+    -0.0 with +0.0, +-inf, rows of -inf only, fp32/fp16/bf16 scores, B and H up to 3."""
+    gen = torch.Generator(device=DEV).manual_seed(zlib.crc32(f"{sk},{dtype},{kind}".encode()))
+    for b, h in ((1, 1), (3, 2), (2, 3)):
+        _compare_order(_order_scores(b, h, sk, kind, gen).to(dtype))
+
+
+def test_key_order_odd_inputs():
+    """Strided and expanded scores, float64, Sk = 0, and rows long enough for several 4096-key chunks per CTA."""
+    gen = torch.Generator(device=DEV).manual_seed(1)
+    s = _order_scores(3, 3, 5000, "inf", gen)
+    _compare_order(s.transpose(0, 1))  # batch/head strides swapped
+    _compare_order(s[:, :, ::3])  # key stride 3
+    _compare_order(s[:1, :1].expand(2, 3, -1))  # stride-0 batch and head
+    _compare_order(s.double())
+    _compare_order(s.double() * 1e-300)  # float64 values that become +-0.0 (and ties) in float32
+    _compare_order(torch.empty(2, 1, 0, device=DEV))
+    for dtype in (torch.float32, torch.bfloat16):
+        _compare_order(_order_scores(1, 2, 1_100_000, "ties", gen).to(dtype))
+
+
+def test_interval_build_no_sync_and_graph_replay():
+    """The CUDA op makes no synchronizing call and replays from a CUDA graph."""
+    gen = torch.Generator(device=DEV).manual_seed(5)
+    sk, k, bs = 4097, 300, 128
+    scores = _scores(1, 3, sk, "inf", gen).bfloat16()
+    first, _ = torch.ops.sparsek.topk_select(scores.float(), k, -(-sk // bs), 1, bs)
+    fn = lambda: torch.ops.sparsek.block_union_intervals(scores, first, k, sk, 1, bs)  # noqa: E731
+    ref = block_union_intervals(scores, first, k, sk, 1, bs)
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        got = fn()
+    for t in got:
+        t.fill_(-5)
+    g.replay()
+    torch.cuda.synchronize()
+    for g_, r in zip(got, ref):
+        assert torch.equal(g_, r)

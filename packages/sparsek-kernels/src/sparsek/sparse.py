@@ -35,7 +35,7 @@ from .reference.sparse import (
     topk_attention_ref,
     topk_rows_ref,
 )
-from .selection_intervals import block_union_intervals, key_order_and_ranks, selectable_prefix, union_width
+from .selection_intervals import block_union_intervals, union_width
 
 __all__ = [
     "BlockSparseLayout",
@@ -170,6 +170,8 @@ class SkTopkAttnParams(ctypes.Structure):
     ]  # fmt: skip
 
 
+#: Version of ``csrc/sparse_abi.h`` (``sk_sparse_abi_version``) these bindings expect.
+SPARSE_ABI_VERSION = 3
 _BOUND: set[int] = set()
 
 
@@ -183,8 +185,14 @@ def _sparse_lib(device: torch.device) -> ctypes.CDLL:
         lib.sk_topk_select.restype = ctypes.c_int
         lib.sk_topk_attn_fwd.argtypes = [ctypes.POINTER(SkTopkAttnParams), _ptr]
         lib.sk_topk_attn_fwd.restype = ctypes.c_int
-        if lib.sk_sparse_abi_version() != 2:
+        if lib.sk_sparse_abi_version() != SPARSE_ABI_VERSION:
             raise _lib.KernelUnavailable("stale sparsek library: sparse ABI version mismatch")
+        lib.sk_key_order_workspace_bytes.argtypes = [_i64, _i32, _i32, ctypes.POINTER(ctypes.c_int64)]
+        lib.sk_key_order_workspace_bytes.restype = ctypes.c_int
+        lib.sk_key_order.argtypes = [
+            _ptr, _i32, _i64, _i64, _i64, _i32, _i32, _i32, _ptr, _ptr, _ptr, _ptr, _i64, _ptr
+        ]  # fmt: skip
+        lib.sk_key_order.restype = ctypes.c_int
         lib.sk_interval_build.argtypes = [
             _ptr, _ptr, _ptr, _ptr, _i32, _i32, _i32, _i32, _i32, _i32, _i64, _i64, _i32, _i32, _ptr, _ptr, _ptr, _ptr
         ]  # fmt: skip
@@ -330,19 +338,85 @@ def _block_union_intervals_cuda(scores, first_sets, k, seqlen_q, off, block_size
     if counts.numel() == 0:
         return lists, intervals, counts
     b, h, sk = scores.shape
-    order, ranks = key_order_and_ranks(scores)
-    order = order.to(torch.int32).contiguous()
-    ranks = ranks.contiguous()
-    fin_prefix = selectable_prefix(scores).contiguous()
-    fs = first_sets.contiguous()
-    with _lib.on_device(scores.device):
+    fs = first_sets if first_sets.is_contiguous() else first_sets.contiguous()
+    dev = scores.device
+    with _lib.on_device(dev):
+        s, dtype = _key_order_scores(scores)
+        # One buffer: order, ranks and the selectable prefix (the interval kernel's inputs), then the sort workspace.
+        rows = b * h
+        n_keys = _align(4 * rows * sk)
+        n_prefix = _align(4 * rows * (sk + 1))
+        ws_bytes = _key_order_workspace(lib, dev, rows, sk, dtype)
+        buf = torch.empty(2 * n_keys + n_prefix + ws_bytes, dtype=torch.uint8, device=dev)
+        order = buf.data_ptr()
+        ranks, fin_prefix = order + n_keys, order + 2 * n_keys
+        stream = _stream(dev)
+        code = lib.sk_key_order(
+            s.data_ptr(), dtype, s.stride(0), s.stride(1), s.stride(2), b, h, sk, order, ranks, fin_prefix,
+            fin_prefix + n_prefix, ws_bytes, stream,
+        )  # fmt: skip
+        _lib.check(lib, code, "key order")
         code = lib.sk_interval_build(
-            ranks.data_ptr(), order.data_ptr(), fin_prefix.data_ptr(), fs.data_ptr(), b, h, fs.shape[2], sets, sk,
-            k, seqlen_q, off, block_size, n, lists.data_ptr(), intervals.data_ptr(), counts.data_ptr(),
-            _stream(scores.device),
+            ranks, order, fin_prefix, fs.data_ptr(), b, h, fs.shape[2], sets, sk, k, seqlen_q, off, block_size, n,
+            lists.data_ptr(), intervals.data_ptr(), counts.data_ptr(), stream,
         )  # fmt: skip
     _lib.check(lib, code, "block interval build")
     return lists, intervals, counts
+
+
+#: ``SK_SCORES_*`` codes of ``csrc/sparse_abi.h``; other floating dtypes are converted to float32 first.
+_SCORE_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+_KEY_ORDER_WS: dict[tuple[int, int, int, int], int] = {}  # (device, rows, Sk, dtype code) -> workspace bytes
+
+
+def _align(nbytes: int) -> int:
+    return (nbytes + 255) & ~255
+
+
+def _key_order_scores(scores: torch.Tensor) -> tuple[torch.Tensor, int]:
+    code = _SCORE_DTYPES.get(scores.dtype)
+    if code is None:  # e.g. float8: exact in float32, with the same -inf keys
+        return scores.float(), 0
+    return scores, code
+
+
+def _key_order_workspace(lib: ctypes.CDLL, device: torch.device, rows: int, sk: int, dtype: int) -> int:
+    """Bytes of ``sk_key_order``'s workspace (a host-only query, cached; call on ``device``)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (index, rows, sk, dtype)
+    nbytes = _KEY_ORDER_WS.get(key)
+    if nbytes is None:
+        out = ctypes.c_int64(0)
+        _lib.check(lib, lib.sk_key_order_workspace_bytes(rows, sk, dtype, ctypes.byref(out)), "key order workspace")
+        nbytes = _KEY_ORDER_WS[key] = out.value
+    return nbytes
+
+
+def key_order_cuda(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The CUDA kernels' selection order, ranks and selectable prefix of float ``[B, H, Sk]`` CUDA scores (no NaN):
+    int32 ``order`` and ``ranks`` ``[B, H, Sk]`` and ``prefix`` ``[B, H, Sk + 1]``, equal to
+    [`key_order_and_ranks`][sparsek.selection_intervals.key_order_and_ranks] (order as int32) and
+    [`selectable_prefix`][sparsek.selection_intervals.selectable_prefix]. Asynchronous (``csrc/key_order.cu``)."""
+    check_tensor("scores", scores, 3)
+    if not scores.dtype.is_floating_point or scores.device.type != "cuda":
+        raise TypeError(f"scores must be a floating-point CUDA tensor, got {scores.dtype} on {scores.device}")
+    b, h, sk = scores.shape
+    if sk >= _I32_MAX or b * h > 2**31:
+        raise ValueError(f"scores of shape {tuple(scores.shape)} are too large")
+    lib = _sparse_lib(scores.device)
+    order = torch.empty((b, h, sk), dtype=torch.int32, device=scores.device)
+    ranks = torch.empty_like(order)
+    prefix = torch.empty((b, h, sk + 1), dtype=torch.int32, device=scores.device)
+    with _lib.on_device(scores.device):
+        s, dtype = _key_order_scores(scores)
+        ws_bytes = _key_order_workspace(lib, scores.device, b * h, sk, dtype)
+        ws = torch.empty(max(ws_bytes, 1), dtype=torch.uint8, device=scores.device)
+        code = lib.sk_key_order(
+            s.data_ptr(), dtype, s.stride(0), s.stride(1), s.stride(2), b, h, sk, order.data_ptr(), ranks.data_ptr(),
+            prefix.data_ptr(), ws.data_ptr(), ws_bytes, _stream(scores.device),
+        )  # fmt: skip
+    _lib.check(lib, code, "key order")
+    return order, ranks, prefix
 
 
 @torch.library.register_fake("sparsek::block_union_intervals")

@@ -1,4 +1,4 @@
-// C ABI of sparsek's sparse-attention kernels (sparse_select.cu, interval_build.cu, topk_attention.cu). Keep in sync
+// C ABI of sparsek's sparse-attention kernels (sparse_select.cu, key_order.cu, interval_build.cu, topk_attention.cu). Keep in sync
 // with sparsek/sparse.py (ctypes). All functions return 0 (cudaSuccess) or a cudaError_t; they never abort and launch on
 // the stream passed in.
 #pragma once
@@ -35,6 +35,22 @@ int sk_interval_build(const int32_t* ranks, const int32_t* order, const int32_t*
                       const int32_t* first_sets, int32_t batch, int32_t heads, int32_t num_blocks, int32_t num_sets,
                       int32_t seqlen_k, int32_t k, int64_t seqlen_q, int64_t off, int32_t block_size, int32_t width,
                       int32_t* lists, int32_t* intervals, int32_t* counts, void* stream);
+
+// Selection order, ranks and selectable prefix of per-key scores (key_order.cu): the CUDA version of
+// sparsek.selection_intervals.key_order_and_ranks and selectable_prefix, i.e. the inputs of sk_interval_build, for
+// the B*H rows of scores[b*score_batch_stride + h*score_head_stride + j*score_key_stride] (element strides; dtype one
+// of SK_SCORES_*, compared as fp32 like scores.float(); no NaN). Outputs (int32, contiguous):
+//   order [B, H, Sk]: key of each rank (score descending, equal scores by position ascending, -0.0 == +0.0, -inf
+//   last), ranks [B, H, Sk]: rank of each key, prefix [B, H, Sk + 1]: keys with a score other than -inf in [0, j).
+// A few asynchronous launches on `stream` (a device-wide CUB radix sort among them); no synchronization and no
+// allocation: `workspace` (256-byte aligned, not aliasing the outputs) holds at least the bytes that
+// sk_key_order_workspace_bytes(B*H, Sk, dtype) reports (a host-only query; the size depends on the current
+// device's architecture). Sk < 2^31 - 1, B*H <= 2^31.
+enum { SK_SCORES_F32 = 0, SK_SCORES_F16 = 1, SK_SCORES_BF16 = 2, SK_SCORES_F64 = 3 };
+int sk_key_order_workspace_bytes(int64_t rows, int32_t seqlen_k, int32_t dtype, int64_t* bytes);
+int sk_key_order(const void* scores, int32_t dtype, int64_t score_batch_stride, int64_t score_head_stride,
+                 int64_t score_key_stride, int32_t batch, int32_t heads, int32_t seqlen_k, int32_t* order,
+                 int32_t* ranks, int32_t* prefix, void* workspace, int64_t workspace_bytes, void* stream);
 
 // Per-query top-k attention forward (gather kernel). Query i of batch b (position pos = i + Sk - Sq) and every
 // query head of KV head h = hq / (Hq / Hkv) attend:
