@@ -126,6 +126,8 @@ class Runner:
             first = torch.ops.sparsek.topk_select(u, budget, nbq, off_pq, 128)[0]
             t_ivb = self.time(lambda: torch.ops.sparsek.block_union_intervals(u, first, budget, s, off_pq, 128))
             self.add("sparsek", s, param, "per query: union lists + intervals (kernel)", t_ivb, pq_pairs, None)
+            t_pql = self.time(lambda: torch.ops.sparsek.per_query_block_lists(u, budget, s, off_pq, 128))
+            self.add("sparsek", s, param, "per query: both steps as one op (shared key order)", t_pql, pq_pairs, None)
             t_ivt = self.time(lambda: block_union_intervals(u, first, budget, s, off_pq, 128))
             self.add("sparsek", s, param, "per query: union lists + intervals (PyTorch)", t_ivt, pq_pairs, None)
             del first

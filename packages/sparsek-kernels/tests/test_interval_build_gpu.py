@@ -231,3 +231,52 @@ def test_interval_build_no_sync_and_graph_replay():
     torch.cuda.synchronize()
     for g_, r in zip(got, ref):
         assert torch.equal(g_, r)
+
+
+@pytest.mark.parametrize("kind", ["plain", "ties", "neginf", "inf"])
+@pytest.mark.parametrize(("b", "h", "sk", "sq", "k", "bs"), [
+    (1, 1, 1, 1, 1, 128), (2, 3, 1000, 1000, 5, 128), (1, 2, 4097, 4097, 300, 128), (3, 1, 4097, 2000, 2048, 128),
+    (1, 2, 1000, 700, 64, 64), (2, 1, 129, 129, 129, 64), (1, 1, 32768, 32768, 2048, 128),
+])  # fmt: skip
+def test_per_query_block_lists_equal_the_two_step_ops(kind, b, h, sk, sq, k, bs):
+    """The fused op (key order -> first-query sets -> intervals, csrc/first_sets.cu) returns exactly what the two-step
+    path (the selection kernel's first-query sets, then the interval op) and the CPU implementation return."""
+    gen = torch.Generator(device=DEV).manual_seed(zlib.crc32(f"pq{kind}{b}{h}{sk}{sq}{k}{bs}".encode()))
+    scores = _scores(b, h, sk, kind, gen)
+    _, off, _ = sparse.select_limits(sq, sk, causal=True, window=3, block_size=None)
+    got = torch.ops.sparsek.per_query_block_lists(scores, k, sq, off, bs)
+    nb = -(-sq // bs)
+    first, _ = torch.ops.sparsek.topk_select(scores, k, nb, off, bs)
+    two_step = torch.ops.sparsek.block_union_intervals(scores, first, k, sq, off, bs)
+    for name, g, r in zip(("lists", "intervals", "counts"), got, two_step):
+        assert torch.equal(g, r), name
+    if sk <= 4097:
+        cpu = torch.ops.sparsek.per_query_block_lists(scores.cpu(), k, sq, off, bs)
+        for name, g, r in zip(("lists", "intervals", "counts"), got, cpu):
+            assert torch.equal(g.cpu(), r), name
+
+
+def test_first_sets_equal_the_selection_kernel():
+    """sk_first_sets lists the same keys as the selection kernel's per-key first-query rows (best first instead of by
+    position), including prefixes shorter than k and -inf keys."""
+    gen = torch.Generator(device=DEV).manual_seed(5)
+    for kind, sk, k, off, step in [
+        ("plain", 5000, 700, -300, 128),
+        ("ties", 4097, 2048, 10, 64),
+        ("neginf", 3000, 9, 0, 1),
+    ]:
+        scores = _scores(2, 2, sk, kind, gen)
+        nb = -(-(sk - max(off, 0)) // step)
+        order, _, prefix = sparse.key_order_cuda(scores)
+        lib = sparse._sparse_lib(scores.device)
+        out = torch.full((2, 2, nb, k), -5, dtype=torch.int32, device=DEV)
+        cnt = torch.full((2, 2, nb), -5, dtype=torch.int32, device=DEV)
+        code = lib.sk_first_sets(
+            order.data_ptr(), prefix.data_ptr(), 2, 2, sk, nb, k, off, step, out.data_ptr(), cnt.data_ptr(),
+            sparse._stream(scores.device),
+        )  # fmt: skip
+        assert code == 0
+        ref, ref_cnt = torch.ops.sparsek.topk_select(scores, k, nb, off, step)
+        assert torch.equal(cnt, ref_cnt)
+        assert torch.equal(out.sort(-1).values, ref.sort(-1).values)
+        assert bool(((out >= 0).sum(-1) == cnt).all())

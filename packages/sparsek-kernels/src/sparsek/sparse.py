@@ -9,7 +9,8 @@ Conventions (see ``docs/sparse.md``):
 * Index lists are int32 key positions, ``-1`` padded, one list per KV head: per query ``[B, Hkv, Sq, n]`` or shared
   by each block of ``block_size`` consecutive queries ``[B, Hkv, ceil(Sq / block_size), n]``.
 
-GPU ops are registered as ``torch.ops.sparsek.{topk_select, block_union_intervals, topk_attn_fwd, index_attn_fwd}``
+GPU ops are registered as ``torch.ops.sparsek.{topk_select, block_union_intervals, per_query_block_lists,
+topk_attn_fwd, index_attn_fwd, interval_attn_fwd, block_attn_fwd}``
 (namespace fragment), with fake implementations, so they trace under ``torch.compile``. On CPU tensors the references
 in [`sparsek.reference.sparse`][sparsek.reference.sparse] and
 [`sparsek.selection_intervals`][sparsek.selection_intervals] run.
@@ -171,7 +172,7 @@ class SkTopkAttnParams(ctypes.Structure):
 
 
 #: Version of ``csrc/sparse_abi.h`` (``sk_sparse_abi_version``) these bindings expect.
-SPARSE_ABI_VERSION = 3
+SPARSE_ABI_VERSION = 4
 _BOUND: set[int] = set()
 
 
@@ -197,6 +198,8 @@ def _sparse_lib(device: torch.device) -> ctypes.CDLL:
             _ptr, _ptr, _ptr, _ptr, _i32, _i32, _i32, _i32, _i32, _i32, _i64, _i64, _i32, _i32, _ptr, _ptr, _ptr, _ptr
         ]  # fmt: skip
         lib.sk_interval_build.restype = ctypes.c_int
+        lib.sk_first_sets.argtypes = [_ptr, _ptr, _i32, _i32, _i32, _i32, _i32, _i64, _i32, _ptr, _ptr, _ptr]
+        lib.sk_first_sets.restype = ctypes.c_int
         _BOUND.add(id(lib))
     return lib
 
@@ -223,6 +226,9 @@ _FRAG.define("topk_select(Tensor scores, int k, int num_rows, int off, int step)
 _FRAG.define(
     "block_union_intervals(Tensor scores, Tensor first_sets, int k, int seqlen_q, int off, int block_size) "
     "-> (Tensor, Tensor, Tensor)"
+)
+_FRAG.define(
+    "per_query_block_lists(Tensor scores, int k, int seqlen_q, int off, int block_size) -> (Tensor, Tensor, Tensor)"
 )
 _FRAG.define(
     "topk_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor indices, float scale, int window, bool causal, "
@@ -422,6 +428,69 @@ def key_order_cuda(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
 @torch.library.register_fake("sparsek::block_union_intervals")
 def _block_union_intervals_fake(scores, first_sets, k, seqlen_q, off, block_size):
     return _union_alloc(first_sets, union_width(first_sets.shape[3], k, block_size))
+
+
+# Per-query SparseK as block lists: each block's first-query selection, then the union lists and query intervals.
+def _per_query_block_lists_ops(scores, k, seqlen_q, off, block_size):
+    nb = -(-seqlen_q // block_size)
+    first, _ = torch.ops.sparsek.topk_select(scores, k, nb, off, block_size)
+    return torch.ops.sparsek.block_union_intervals(scores, first, k, seqlen_q, off, block_size)
+
+
+@torch.library.impl(_FRAG, "per_query_block_lists", "CPU")
+def _per_query_block_lists_cpu(scores, k, seqlen_q, off, block_size):
+    return _per_query_block_lists_ops(scores, k, seqlen_q, off, block_size)
+
+
+@torch.library.impl(_FRAG, "per_query_block_lists", "CUDA")
+def _per_query_block_lists_cuda(scores, k, seqlen_q, off, block_size):
+    """One key order (CUB sort) serves both steps: the first-query sets are the first keys of the order below each
+    block's prefix (``csrc/first_sets.cu``), then the interval kernel builds the lists from the same order."""
+    check_tensor("scores", scores, 3)
+    lib = _kernel_or_fallback(scores.device)
+    b, h, sk = scores.shape
+    nb = -(-seqlen_q // block_size) if seqlen_q > 0 else 0
+    if lib is None or k > INTERVAL_KERNEL_MAX_SETS or block_size > INTERVAL_KERNEL_MAX_BLOCK or sk == 0:
+        return _per_query_block_lists_ops(scores, k, seqlen_q, off, block_size)
+    n = union_width(k, k, block_size)
+    lists = scores.new_empty((b, h, nb, n), dtype=torch.int32)
+    intervals, counts = torch.empty_like(lists), scores.new_empty((b, h, nb), dtype=torch.int32)
+    if counts.numel() == 0:
+        return lists, intervals, counts
+    dev = scores.device
+    with _lib.on_device(dev):
+        s, dtype = _key_order_scores(scores)
+        rows = b * h
+        n_keys = _align(4 * rows * sk)
+        n_prefix = _align(4 * rows * (sk + 1))
+        n_first = _align(4 * rows * nb * k)
+        ws_bytes = _key_order_workspace(lib, dev, rows, sk, dtype)
+        buf = torch.empty(2 * n_keys + n_prefix + n_first + ws_bytes, dtype=torch.uint8, device=dev)
+        order = buf.data_ptr()
+        ranks, fin_prefix = order + n_keys, order + 2 * n_keys
+        first = fin_prefix + n_prefix
+        stream = _stream(dev)
+        code = lib.sk_key_order(
+            s.data_ptr(), dtype, s.stride(0), s.stride(1), s.stride(2), b, h, sk, order, ranks, fin_prefix,
+            first + n_first, ws_bytes, stream,
+        )  # fmt: skip
+        _lib.check(lib, code, "key order")
+        code = lib.sk_first_sets(order, fin_prefix, b, h, sk, nb, k, off, block_size, first, None, stream)
+        _lib.check(lib, code, "first-query sets")
+        code = lib.sk_interval_build(
+            ranks, order, fin_prefix, first, b, h, nb, k, sk, k, seqlen_q, off, block_size, n,
+            lists.data_ptr(), intervals.data_ptr(), counts.data_ptr(), stream,
+        )  # fmt: skip
+    _lib.check(lib, code, "block interval build")
+    return lists, intervals, counts
+
+
+@torch.library.register_fake("sparsek::per_query_block_lists")
+def _per_query_block_lists_fake(scores, k, seqlen_q, off, block_size):
+    b, h = scores.shape[0], scores.shape[1]
+    nb = -(-seqlen_q // block_size) if seqlen_q > 0 else 0
+    lists = scores.new_empty((b, h, nb, union_width(k, k, block_size)), dtype=torch.int32)
+    return lists, torch.empty_like(lists), scores.new_empty((b, h, nb), dtype=torch.int32)
 
 
 def _attn_alloc(q: torch.Tensor, return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1134,9 +1203,7 @@ def _per_query_by_blocks(q, k, v, scores, k_budget, window, scale, return_lse, v
     scale = check_scale(scale, q.shape[-1])
     ibq = 64 if q.shape[-1] == 256 else 128  # the FMHA kernel's query tile
     _, off, _ = select_limits(sq, sk, causal=True, window=window, block_size=None)
-    nb = -(-sq // ibq)
-    first, _ = torch.ops.sparsek.topk_select(scores, k_budget, nb, off, ibq)  # each block's first-query selection
-    lists, intervals, counts = torch.ops.sparsek.block_union_intervals(scores, first, k_budget, sq, off, ibq)
+    lists, intervals, counts = torch.ops.sparsek.per_query_block_lists(scores, k_budget, sq, off, ibq)
     wl = window - 1 if window > 0 else -1
     out, lse = torch.ops.sparsek.interval_attn_fwd(q, k, v, lists, intervals, counts, ibq, scale, wl, return_lse)
     return (out, lse) if return_lse else out

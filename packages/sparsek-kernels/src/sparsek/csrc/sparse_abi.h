@@ -1,4 +1,5 @@
-// C ABI of sparsek's sparse-attention kernels (sparse_select.cu, key_order.cu, interval_build.cu, topk_attention.cu). Keep in sync
+// C ABI of sparsek's sparse-attention kernels (sparse_select.cu, key_order.cu, first_sets.cu, interval_build.cu,
+// topk_attention.cu). Keep in sync
 // with sparsek/sparse.py (ctypes). All functions return 0 (cudaSuccess) or a cudaError_t; they never abort and launch on
 // the stream passed in.
 #pragma once
@@ -35,6 +36,13 @@ int sk_interval_build(const int32_t* ranks, const int32_t* order, const int32_t*
                       const int32_t* first_sets, int32_t batch, int32_t heads, int32_t num_blocks, int32_t num_sets,
                       int32_t seqlen_k, int32_t k, int64_t seqlen_q, int64_t off, int32_t block_size, int32_t width,
                       int32_t* lists, int32_t* intervals, int32_t* counts, void* stream);
+
+// First-query selection of each block from the key order (first_sets.cu): block m of group (b, h) takes the
+// min(k, prefix[L]) best keys of [0, L), L = clamp(off + m*step, 0, Sk) -- the same set sk_topk_select returns for the
+// per-key case, listed best first instead of by position. order/prefix as sk_key_order writes them. Output: out
+// [B, H, num_blocks, k] int32 (-1 padded), counts [B, H, num_blocks] (may be null).
+int sk_first_sets(const int32_t* order, const int32_t* prefix, int32_t batch, int32_t heads, int32_t seqlen_k,
+                  int32_t num_blocks, int32_t k, int64_t off, int32_t step, int32_t* out, int32_t* counts, void* stream);
 
 // Selection order, ranks and selectable prefix of per-key scores (key_order.cu): the CUDA version of
 // sparsek.selection_intervals.key_order_and_ranks and selectable_prefix, i.e. the inputs of sk_interval_build, for
