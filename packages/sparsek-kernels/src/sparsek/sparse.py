@@ -333,6 +333,38 @@ def _block_union_intervals_cpu(scores, first_sets, k, seqlen_q, off, block_size)
     return block_union_intervals(scores, first_sets, k, seqlen_q, off, block_size)
 
 
+def _sorted_keys(lib: ctypes.CDLL, scores: torch.Tensor, extra_bytes: int) -> tuple[torch.Tensor, int, int, int, int]:
+    """Runs ``sk_key_order`` on ``scores`` (call on their device) into one new buffer laid out as the int32 key order,
+    ranks and selectable prefix, ``extra_bytes`` for the caller, then the sort workspace. Returns the buffer (keep it
+    until the kernels that read it are enqueued) and the addresses of order, ranks, prefix and the extra part."""
+    b, h, sk = scores.shape
+    dev = scores.device
+    s, dtype = _key_order_scores(scores)
+    rows = b * h
+    n_keys, n_prefix, n_extra = _align(4 * rows * sk), _align(4 * rows * (sk + 1)), _align(extra_bytes)
+    ws_bytes = _key_order_workspace(lib, dev, rows, sk, dtype)
+    buf = torch.empty(2 * n_keys + n_prefix + n_extra + ws_bytes, dtype=torch.uint8, device=dev)
+    order = buf.data_ptr()
+    ranks, prefix = order + n_keys, order + 2 * n_keys
+    extra = prefix + n_prefix
+    code = lib.sk_key_order(
+        s.data_ptr(), dtype, s.stride(0), s.stride(1), s.stride(2), b, h, sk, order, ranks, prefix, extra + n_extra,
+        ws_bytes, _stream(dev),
+    )  # fmt: skip
+    _lib.check(lib, code, "key order")
+    return buf, order, ranks, prefix, extra
+
+
+def _interval_build(lib, scores, order, ranks, prefix, first_sets, num_sets, k, seqlen_q, off, block_size, lists,
+                    intervals, counts) -> int:  # fmt: skip
+    """Launches ``sk_interval_build`` (addresses from ``_sorted_keys``; first sets ``[B, H, nb, num_sets]``)."""
+    b, h, nb, n = lists.shape
+    return lib.sk_interval_build(
+        ranks, order, prefix, first_sets, b, h, nb, num_sets, scores.shape[2], k, seqlen_q, off, block_size, n,
+        lists.data_ptr(), intervals.data_ptr(), counts.data_ptr(), _stream(scores.device),
+    )  # fmt: skip
+
+
 @torch.library.impl(_FRAG, "block_union_intervals", "CUDA")
 def _block_union_intervals_cuda(scores, first_sets, k, seqlen_q, off, block_size):
     n = _check_union_args(scores, first_sets, k, seqlen_q, off, block_size)
@@ -343,29 +375,11 @@ def _block_union_intervals_cuda(scores, first_sets, k, seqlen_q, off, block_size
     lists, intervals, counts = _union_alloc(first_sets, n)
     if counts.numel() == 0:
         return lists, intervals, counts
-    b, h, sk = scores.shape
     fs = first_sets if first_sets.is_contiguous() else first_sets.contiguous()
-    dev = scores.device
-    with _lib.on_device(dev):
-        s, dtype = _key_order_scores(scores)
-        # One buffer: order, ranks and the selectable prefix (the interval kernel's inputs), then the sort workspace.
-        rows = b * h
-        n_keys = _align(4 * rows * sk)
-        n_prefix = _align(4 * rows * (sk + 1))
-        ws_bytes = _key_order_workspace(lib, dev, rows, sk, dtype)
-        buf = torch.empty(2 * n_keys + n_prefix + ws_bytes, dtype=torch.uint8, device=dev)
-        order = buf.data_ptr()
-        ranks, fin_prefix = order + n_keys, order + 2 * n_keys
-        stream = _stream(dev)
-        code = lib.sk_key_order(
-            s.data_ptr(), dtype, s.stride(0), s.stride(1), s.stride(2), b, h, sk, order, ranks, fin_prefix,
-            fin_prefix + n_prefix, ws_bytes, stream,
-        )  # fmt: skip
-        _lib.check(lib, code, "key order")
-        code = lib.sk_interval_build(
-            ranks, order, fin_prefix, fs.data_ptr(), b, h, fs.shape[2], sets, sk, k, seqlen_q, off, block_size, n,
-            lists.data_ptr(), intervals.data_ptr(), counts.data_ptr(), stream,
-        )  # fmt: skip
+    with _lib.on_device(scores.device):
+        _buf, order, ranks, prefix, _ = _sorted_keys(lib, scores, 0)
+        code = _interval_build(lib, scores, order, ranks, prefix, fs.data_ptr(), sets, k, seqlen_q, off, block_size,
+                               lists, intervals, counts)  # fmt: skip
     _lib.check(lib, code, "block interval build")
     return lists, intervals, counts
 
@@ -457,30 +471,12 @@ def _per_query_block_lists_cuda(scores, k, seqlen_q, off, block_size):
     intervals, counts = torch.empty_like(lists), scores.new_empty((b, h, nb), dtype=torch.int32)
     if counts.numel() == 0:
         return lists, intervals, counts
-    dev = scores.device
-    with _lib.on_device(dev):
-        s, dtype = _key_order_scores(scores)
-        rows = b * h
-        n_keys = _align(4 * rows * sk)
-        n_prefix = _align(4 * rows * (sk + 1))
-        n_first = _align(4 * rows * nb * k)
-        ws_bytes = _key_order_workspace(lib, dev, rows, sk, dtype)
-        buf = torch.empty(2 * n_keys + n_prefix + n_first + ws_bytes, dtype=torch.uint8, device=dev)
-        order = buf.data_ptr()
-        ranks, fin_prefix = order + n_keys, order + 2 * n_keys
-        first = fin_prefix + n_prefix
-        stream = _stream(dev)
-        code = lib.sk_key_order(
-            s.data_ptr(), dtype, s.stride(0), s.stride(1), s.stride(2), b, h, sk, order, ranks, fin_prefix,
-            first + n_first, ws_bytes, stream,
-        )  # fmt: skip
-        _lib.check(lib, code, "key order")
-        code = lib.sk_first_sets(order, fin_prefix, b, h, sk, nb, k, off, block_size, first, None, stream)
+    with _lib.on_device(scores.device):
+        _buf, order, ranks, prefix, first = _sorted_keys(lib, scores, 4 * b * h * nb * k)
+        code = lib.sk_first_sets(order, prefix, b, h, sk, nb, k, off, block_size, first, None, _stream(scores.device))
         _lib.check(lib, code, "first-query sets")
-        code = lib.sk_interval_build(
-            ranks, order, fin_prefix, first, b, h, nb, k, sk, k, seqlen_q, off, block_size, n,
-            lists.data_ptr(), intervals.data_ptr(), counts.data_ptr(), stream,
-        )  # fmt: skip
+        code = _interval_build(lib, scores, order, ranks, prefix, first, k, k, seqlen_q, off, block_size, lists,
+                               intervals, counts)  # fmt: skip
     _lib.check(lib, code, "block interval build")
     return lists, intervals, counts
 
