@@ -30,6 +30,16 @@ def _scores(b, h, sk, kind, gen):
     return s
 
 
+def _assert_same(name, got, ref):
+    """int32 tensors equal element for element; the failure names the first differing positions."""
+    assert got.dtype == ref.dtype == torch.int32, name
+    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    if not torch.equal(got, ref):
+        bad = (got != ref).nonzero()[:5].tolist()
+        pytest.fail(f"{name} differ at {bad}: kernel {[got[tuple(i)].item() for i in bad]}, "
+                    f"torch {[ref[tuple(i)].item() for i in bad]}")  # fmt: skip
+
+
 def _compare(scores, first, k, sq, off, bs):
     junk = [torch.full((first.shape[:3].numel() * (k + bs),), -77, dtype=torch.int32, device=DEV) for _ in range(3)]
     del junk  # outputs allocated next start with garbage: every element must be written
@@ -37,12 +47,7 @@ def _compare(scores, first, k, sq, off, bs):
     torch.cuda.synchronize()
     ref = block_union_intervals(scores, first, k, sq, off, bs)  # the PyTorch implementation, same device
     for name, g, r in zip(("lists", "intervals", "counts"), got, ref):
-        assert g.dtype == r.dtype == torch.int32, name
-        assert g.shape == r.shape, f"{name}: shape {tuple(g.shape)} != {tuple(r.shape)}"
-        if not torch.equal(g, r):
-            bad = (g != r).nonzero()[:5].tolist()
-            pytest.fail(f"{name} differ at {bad}: kernel {[g[tuple(i)].item() for i in bad]}, "
-                        f"torch {[r[tuple(i)].item() for i in bad]}")  # fmt: skip
+        _assert_same(name, g, r)
 
 
 _SIZES = [1, 100, 129, 1000, 4097]
@@ -174,12 +179,7 @@ def _compare_order(scores):
         ("ranks", ranks, ref_ranks),
         ("prefix", prefix, ref_prefix),
     ):
-        assert g.dtype == r.dtype == torch.int32, name
-        assert g.shape == r.shape, f"{name}: shape {tuple(g.shape)} != {tuple(r.shape)}"
-        if not torch.equal(g, r):
-            bad = (g != r).nonzero()[:5].tolist()
-            pytest.fail(f"{name} ({scores.dtype}, {tuple(scores.shape)}) differ at {bad}: kernel "
-                        f"{[g[tuple(i)].item() for i in bad]}, torch {[r[tuple(i)].item() for i in bad]}")  # fmt: skip
+        _assert_same(f"{name} ({scores.dtype}, {tuple(scores.shape)})", g, r)
 
 
 @pytest.mark.parametrize("sk", [1, 2, 1000, 4097, 131072])
@@ -249,11 +249,11 @@ def test_per_query_block_lists_equal_the_two_step_ops(kind, b, h, sk, sq, k, bs)
     first, _ = torch.ops.sparsek.topk_select(scores, k, nb, off, bs)
     two_step = torch.ops.sparsek.block_union_intervals(scores, first, k, sq, off, bs)
     for name, g, r in zip(("lists", "intervals", "counts"), got, two_step):
-        assert torch.equal(g, r), name
+        _assert_same(name, g, r)
     if sk <= 4097:
         cpu = torch.ops.sparsek.per_query_block_lists(scores.cpu(), k, sq, off, bs)
         for name, g, r in zip(("lists", "intervals", "counts"), got, cpu):
-            assert torch.equal(g.cpu(), r), name
+            _assert_same(f"{name} (CPU)", g.cpu(), r)
 
 
 def test_first_sets_equal_the_selection_kernel():
