@@ -295,11 +295,23 @@ INTERVAL_KERNEL_MAX_BLOCK = 1024
 _I32_MAX = 2**31 - 1
 
 
-def _check_union_args(scores, first_sets, k, seqlen_q, off, block_size) -> int:
-    """Checks of ``block_union_intervals``'s arguments (shapes, dtypes, devices, ranges); returns the list width."""
+def _check_list_build_args(scores, k, seqlen_q, off, block_size) -> tuple[int, int]:
+    """Checks of the arguments that ``block_union_intervals`` and ``per_query_block_lists`` share (scores and the
+    scalars); returns ``k`` and ``block_size``."""
     check_tensor("scores", scores, 3)
     if not scores.dtype.is_floating_point:
         raise TypeError(f"scores must be a floating-point tensor, got {scores.dtype}")
+    if scores.shape[2] >= _I32_MAX:
+        raise ValueError(f"scores has too many keys ({scores.shape[2]}); at most {_I32_MAX - 1}")
+    k = _check_int("k", k, lo=1, hi=_I32_MAX)
+    _check_int("seqlen_q", seqlen_q, lo=0, hi=2**62)
+    _check_int("off", off, lo=-(2**62), hi=2**62)
+    return k, _check_int("block_size", block_size, lo=1, hi=2**15 - 1)
+
+
+def _check_union_args(scores, first_sets, k, seqlen_q, off, block_size) -> int:
+    """Checks of ``block_union_intervals``'s arguments (shapes, dtypes, devices, ranges); returns the list width."""
+    k, block_size = _check_list_build_args(scores, k, seqlen_q, off, block_size)
     check_tensor("first_sets", first_sets, 4)
     if first_sets.dtype != torch.int32:
         raise TypeError(f"first_sets must be int32, got {first_sets.dtype}")
@@ -312,12 +324,6 @@ def _check_union_args(scores, first_sets, k, seqlen_q, off, block_size) -> int:
         )
     if first_sets.shape[3] < 1:
         raise ValueError(f"first_sets must hold at least one entry per block, got shape {tuple(first_sets.shape)}")
-    if scores.shape[2] >= _I32_MAX:
-        raise ValueError(f"scores has too many keys ({scores.shape[2]}); at most {_I32_MAX - 1}")
-    k = _check_int("k", k, lo=1, hi=_I32_MAX)
-    _check_int("seqlen_q", seqlen_q, lo=0, hi=2**62)
-    _check_int("off", off, lo=-(2**62), hi=2**62)
-    block_size = _check_int("block_size", block_size, lo=1, hi=2**15 - 1)
     return union_width(first_sets.shape[3], k, block_size)
 
 
@@ -424,19 +430,14 @@ def key_order_cuda(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
     if sk >= _I32_MAX or b * h > 2**31:
         raise ValueError(f"scores of shape {tuple(scores.shape)} are too large")
     lib = _sparse_lib(scores.device)
-    order = torch.empty((b, h, sk), dtype=torch.int32, device=scores.device)
-    ranks = torch.empty_like(order)
-    prefix = torch.empty((b, h, sk + 1), dtype=torch.int32, device=scores.device)
     with _lib.on_device(scores.device):
-        s, dtype = _key_order_scores(scores)
-        ws_bytes = _key_order_workspace(lib, scores.device, b * h, sk, dtype)
-        ws = torch.empty(max(ws_bytes, 1), dtype=torch.uint8, device=scores.device)
-        code = lib.sk_key_order(
-            s.data_ptr(), dtype, s.stride(0), s.stride(1), s.stride(2), b, h, sk, order.data_ptr(), ranks.data_ptr(),
-            prefix.data_ptr(), ws.data_ptr(), ws_bytes, _stream(scores.device),
-        )  # fmt: skip
-    _lib.check(lib, code, "key order")
-    return order, ranks, prefix
+        buf, order, ranks, prefix, _ = _sorted_keys(lib, scores, 0)
+
+    def part(addr: int, shape: tuple[int, ...]) -> torch.Tensor:  # int32 view of the buffer at ``addr``
+        at = addr - buf.data_ptr()
+        return buf[at : at + 4 * b * h * shape[-1]].view(torch.int32).view(shape)
+
+    return part(order, (b, h, sk)), part(ranks, (b, h, sk)), part(prefix, (b, h, sk + 1))
 
 
 @torch.library.register_fake("sparsek::block_union_intervals")
@@ -446,6 +447,7 @@ def _block_union_intervals_fake(scores, first_sets, k, seqlen_q, off, block_size
 
 # Per-query SparseK as block lists: each block's first-query selection, then the union lists and query intervals.
 def _per_query_block_lists_ops(scores, k, seqlen_q, off, block_size):
+    _check_list_build_args(scores, k, seqlen_q, off, block_size)
     nb = -(-seqlen_q // block_size)
     first, _ = torch.ops.sparsek.topk_select(scores, k, nb, off, block_size)
     return torch.ops.sparsek.block_union_intervals(scores, first, k, seqlen_q, off, block_size)
@@ -460,15 +462,13 @@ def _per_query_block_lists_cpu(scores, k, seqlen_q, off, block_size):
 def _per_query_block_lists_cuda(scores, k, seqlen_q, off, block_size):
     """One key order (CUB sort) serves both steps: the first-query sets are the first keys of the order below each
     block's prefix (``csrc/first_sets.cu``), then the interval kernel builds the lists from the same order."""
-    check_tensor("scores", scores, 3)
+    k, block_size = _check_list_build_args(scores, k, seqlen_q, off, block_size)
     lib = _kernel_or_fallback(scores.device)
     b, h, sk = scores.shape
-    nb = -(-seqlen_q // block_size) if seqlen_q > 0 else 0
     if lib is None or k > INTERVAL_KERNEL_MAX_SETS or block_size > INTERVAL_KERNEL_MAX_BLOCK or sk == 0:
         return _per_query_block_lists_ops(scores, k, seqlen_q, off, block_size)
-    n = union_width(k, k, block_size)
-    lists = scores.new_empty((b, h, nb, n), dtype=torch.int32)
-    intervals, counts = torch.empty_like(lists), scores.new_empty((b, h, nb), dtype=torch.int32)
+    lists, intervals, counts = _per_query_alloc(scores, k, seqlen_q, block_size)
+    nb = lists.shape[2]
     if counts.numel() == 0:
         return lists, intervals, counts
     with _lib.on_device(scores.device):
@@ -481,12 +481,15 @@ def _per_query_block_lists_cuda(scores, k, seqlen_q, off, block_size):
     return lists, intervals, counts
 
 
-@torch.library.register_fake("sparsek::per_query_block_lists")
-def _per_query_block_lists_fake(scores, k, seqlen_q, off, block_size):
-    b, h = scores.shape[0], scores.shape[1]
-    nb = -(-seqlen_q // block_size) if seqlen_q > 0 else 0
+def _per_query_alloc(scores: torch.Tensor, k: int, seqlen_q: int, block_size: int):
+    b, h, nb = scores.shape[0], scores.shape[1], -(-seqlen_q // block_size)
     lists = scores.new_empty((b, h, nb, union_width(k, k, block_size)), dtype=torch.int32)
     return lists, torch.empty_like(lists), scores.new_empty((b, h, nb), dtype=torch.int32)
+
+
+@torch.library.register_fake("sparsek::per_query_block_lists")
+def _per_query_block_lists_fake(scores, k, seqlen_q, off, block_size):
+    return _per_query_alloc(scores, k, seqlen_q, block_size)
 
 
 def _attn_alloc(q: torch.Tensor, return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -696,6 +699,19 @@ def sparsek_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def _check_selection(scores: torch.Tensor, k: int, window: object, causal: bool, sq: int, validate: bool) -> int:
+    """Budget, window and query count of a selection over ``scores`` (keys in the last dim), and no NaN scores when
+    ``validate`` (one device sync; skipped while tracing). Returns the window."""
+    sk = scores.shape[-1]
+    _check_int("k", k, lo=1, hi=sk)
+    window = _check_window(window, causal)
+    if causal and sq > sk:
+        raise ValueError(f"causal selection needs seqlen_q <= Sk, got seqlen_q={sq}, Sk={sk}")
+    if validate and scores.numel() > 0 and _host_checks_allowed() and bool(torch.isnan(scores).any()):
+        raise ValueError("scores contain NaN; selection needs finite or -inf scores (-inf keys are never selected)")
+    return window
+
+
 def sparsek_select(
     scores: torch.Tensor,
     k: int,
@@ -745,8 +761,6 @@ def sparsek_select(
     sk = scores.shape[-1]
     if sk == 0:
         raise ValueError("scores must have at least one key (last dim is 0)")
-    _check_int("k", k, lo=1, hi=sk)
-    window = _check_window(window, causal)
     block_size = _check_block_size("block_size", block_size)
     if scores.dim() == 4:
         if seqlen_q is not None and seqlen_q != scores.shape[2]:
@@ -754,10 +768,7 @@ def sparsek_select(
         sq = scores.shape[2]
     else:
         sq = sk if seqlen_q is None else _check_int("seqlen_q", seqlen_q, lo=0)
-    if causal and sq > sk:
-        raise ValueError(f"causal selection needs seqlen_q <= Sk, got seqlen_q={sq}, Sk={sk}")
-    if validate and scores.numel() > 0 and _host_checks_allowed() and bool(torch.isnan(scores).any()):
-        raise ValueError("scores contain NaN; selection needs finite or -inf scores (-inf keys are never selected)")
+    window = _check_selection(scores, k, window, causal, sq, validate)
     rows, off, step = select_limits(sq, sk, causal=causal, window=window, block_size=block_size)
     rs = scores
     if scores.dim() == 4 and block_size is not None:
@@ -1189,13 +1200,7 @@ def _per_query_by_blocks(q, k, v, scores, k_budget, window, scale, return_lse, v
     per listed key (see [`sparsek.selection_intervals`][sparsek.selection_intervals]): the FMHA index-list kernel then
     loads each selected key once per block instead of once per query."""
     sq, sk = q.shape[1], k.shape[1]
-    # Validation of k_budget, window and NaN scores, as for any selection.
-    _check_int("k", k_budget, lo=1, hi=sk)
-    window = _check_window(window, True)
-    if sq > sk:
-        raise ValueError(f"causal selection needs seqlen_q <= Sk, got seqlen_q={sq}, Sk={sk}")
-    if validate and scores.numel() > 0 and _host_checks_allowed() and bool(torch.isnan(scores).any()):
-        raise ValueError("scores contain NaN; selection needs finite or -inf scores (-inf keys are never selected)")
+    window = _check_selection(scores, k_budget, window, True, sq, validate)
     scale = check_scale(scale, q.shape[-1])
     ibq = 64 if q.shape[-1] == 256 else 128  # the FMHA kernel's query tile
     _, off, _ = select_limits(sq, sk, causal=True, window=window, block_size=None)
