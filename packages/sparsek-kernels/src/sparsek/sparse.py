@@ -785,14 +785,15 @@ def sparsek_select(
 
 
 def _shared_to_fmha(
-    idx: torch.Tensor, block_size: int, window: int, sq: int, sk: int, head_dim: int = 128
+    idx: torch.Tensor, block_size: int, window: int, sq: int, sk: int, head_dim: int = 128, band_free: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Block-shared lists → FMHA index lists: drop keys overlapping the block's bands, re-block to 64/128.
+    """Block-shared lists → FMHA index lists: drop keys overlapping the block's bands (unless ``band_free``: lists
+    from ``sparsek_select`` with the same window never hold them), re-block to 64/128.
 
     The FMHA kernel takes 64- or 128-query tiles (64 only for head dim 256).
     """
     rows = idx.shape[2]
-    if window > 0:
+    if window > 0 and not band_free:
         p0 = torch.arange(rows, device=idx.device, dtype=torch.int32) * block_size + (sk - sq)
         idx = torch.where(idx <= (p0 - window).view(1, 1, rows, 1), idx, torch.full_like(idx, -1))
     idx, ibq = _reblock_fmha(idx, block_size, sq, head_dim)
@@ -806,6 +807,14 @@ def _reblock_fmha(idx: torch.Tensor, block_size: int, sq: int, head_dim: int) ->
     if block_size != ibq:
         idx = idx.repeat_interleave(block_size // ibq, dim=2)[:, :, : -(-sq // ibq)]
     return idx.contiguous(), ibq
+
+
+def _block_shared_fmha(q, k, v, indices, block_size, window, causal, scale, return_lse, band_free=False):
+    """Block-shared lists (``block_size`` a multiple of 64) through the FMHA index-list kernel; returns (out, lse)."""
+    sq, sk = q.shape[1], k.shape[1]
+    idx, counts, ibq = _shared_to_fmha(indices, block_size, window, sq, sk, q.shape[-1], band_free)
+    wl = window - 1 if window > 0 else -1
+    return torch.ops.sparsek.index_attn_fwd(q, k, v, idx, counts, ibq, scale, wl, 0 if causal else -1, return_lse)
 
 
 def _shared_to_per_query(idx: torch.Tensor, block_size: int, window: int, sq: int, sk: int) -> torch.Tensor:
@@ -866,10 +875,7 @@ def topk_attention(
     scale = check_scale(scale, q.shape[-1])
     if block_size is not None and block_size % 64 == 0:
         _check_kernel_head_dim(q, INDEX_KERNEL_HEAD_DIMS, "FMHA index-list")
-        idx, counts, ibq = _shared_to_fmha(indices, block_size, window, sq, sk, q.shape[-1])
-        out, lse = torch.ops.sparsek.index_attn_fwd(
-            q, k, v, idx, counts, ibq, scale, window - 1 if window > 0 else -1, 0 if causal else -1, return_lse
-        )
+        out, lse = _block_shared_fmha(q, k, v, indices, block_size, window, causal, scale, return_lse)
     else:
         _check_kernel_head_dim(q, TOPK_KERNEL_HEAD_DIMS, "top-k gather")
         if block_size is not None:
@@ -1189,6 +1195,11 @@ def sparsek_attention(
     idx = sparsek_select(
         scores, k_budget, causal=causal, window=window, block_size=block_size, seqlen_q=sq, validate=validate
     )
+    if block_size is not None and block_size % 64 == 0 and q.shape[-1] in INDEX_KERNEL_HEAD_DIMS:
+        out, lse = _block_shared_fmha(
+            q, k, v, idx, block_size, window, causal, check_scale(scale, q.shape[-1]), return_lse, band_free=True
+        )
+        return (out, lse) if return_lse else out
     return topk_attention(
         q, k, v, idx, scale=scale, window=window, causal=causal, block_size=block_size,
         return_lse=return_lse, validate=False,

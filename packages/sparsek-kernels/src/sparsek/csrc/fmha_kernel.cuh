@@ -14,6 +14,7 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "fast_math.cuh"
 #include "sparsek_abi.h"
 
 namespace sparsek {
@@ -387,7 +388,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) fmha_fwd_kernel(
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
       const float base = mx == -INFINITY ? 0.f : mx;
-      const float corr = exp2f(row_max[r] - base);
+      const float corr = sparsek_math::fast_exp2(row_max[r] - base);
       row_max[r] = mx;
       float sum = row_sum[r] * corr;
 #pragma unroll
@@ -397,8 +398,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) fmha_fwd_kernel(
       }
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt) {
-        acc_s[mt][nt][e0] = exp2f(acc_s[mt][nt][e0] - base);
-        acc_s[mt][nt][e0 + 1] = exp2f(acc_s[mt][nt][e0 + 1] - base);
+        acc_s[mt][nt][e0] = sparsek_math::fast_exp2(acc_s[mt][nt][e0] - base);
+        acc_s[mt][nt][e0 + 1] = sparsek_math::fast_exp2(acc_s[mt][nt][e0 + 1] - base);
         sum += acc_s[mt][nt][e0] + acc_s[mt][nt][e0 + 1];
       }
       row_sum[r] = sum;

@@ -550,13 +550,13 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
       const float new_max = fmaxf(row_max[r], mx * scale);
       const float base_r = new_max == -INFINITY ? 0.f : new_max;
-      corr[r] = exp2f(row_max[r] - base_r);
+      corr[r] = sparsek_math::fast_exp2(row_max[r] - base_r);
       row_max[r] = new_max;
       float sum = 0.f;
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt) {
-        acc_s[nt * 4 + 2 * r] = exp2f(fmaf(acc_s[nt * 4 + 2 * r], scale, -base_r));
-        acc_s[nt * 4 + 2 * r + 1] = exp2f(fmaf(acc_s[nt * 4 + 2 * r + 1], scale, -base_r));
+        acc_s[nt * 4 + 2 * r] = sparsek_math::fast_exp2(fmaf(acc_s[nt * 4 + 2 * r], scale, -base_r));
+        acc_s[nt * 4 + 2 * r + 1] = sparsek_math::fast_exp2(fmaf(acc_s[nt * 4 + 2 * r + 1], scale, -base_r));
         sum += acc_s[nt * 4 + 2 * r] + acc_s[nt * 4 + 2 * r + 1];
       }
       row_sum[r] = row_sum[r] * corr[r] + sum;
@@ -698,7 +698,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         if (m_all != -INFINITY) {
           for (int s = 0; s < splits; ++s) {
             const float2 ml = ld_cluster_f2(cluster_map(ml_addr, s));
-            const float wgt = exp2f(ml.x - m_all);
+            const float wgt = sparsek_math::fast_exp2(ml.x - m_all);
             const float4 v = ld_cluster_f4(cluster_map(o_addr, s));
             l_all += wgt * ml.y;
             o.x += wgt * v.x, o.y += wgt * v.y, o.z += wgt * v.z, o.w += wgt * v.w;

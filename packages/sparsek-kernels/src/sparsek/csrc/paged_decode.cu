@@ -17,6 +17,7 @@
 #include <stdint.h>
 
 #include "device_info.cuh"
+#include "fast_math.cuh"
 #include "paged_abi.h"
 
 namespace sparsek_paged {
@@ -29,11 +30,7 @@ constexpr int kSplitAlign = 16;   // split chunks are multiples of this many key
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
+using sparsek_math::fast_exp2;
 
 template <typename T>
 struct Vec8;

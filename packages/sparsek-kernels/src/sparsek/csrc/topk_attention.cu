@@ -9,6 +9,7 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "fast_math.cuh"
 #include "sparse_abi.h"
 
 namespace sk_topk {
@@ -161,8 +162,8 @@ __global__ void __launch_bounds__(kThreads) topk_attn_kernel(const SkTopkAttnPar
         pr[g] = 0.f;
         continue;
       }
-      const float alpha = exp2f(m[g] - m_new);  // m = -inf gives 0
-      pr[g] = exp2f(sg - m_new);
+      const float alpha = sparsek_math::fast_exp2(m[g] - m_new);  // m = -inf gives 0
+      pr[g] = sparsek_math::fast_exp2(sg - m_new);
       l[g] = l[g] * alpha + warp_sum(pr[g]);
       m[g] = m_new;
 #pragma unroll
@@ -206,7 +207,7 @@ __global__ void __launch_bounds__(kThreads) topk_attn_kernel(const SkTopkAttnPar
       float lsum = 0.f, osum = 0.f;
 #pragma unroll
       for (int w = 0; w < kWarps; ++w) {
-        const float c = exp2f(m_s[w][g] - mx);
+        const float c = sparsek_math::fast_exp2(m_s[w][g] - mx);
         lsum += l_s[w][g] * c;
         osum += o_s[w][g][d] * c;
       }
@@ -221,7 +222,7 @@ __global__ void __launch_bounds__(kThreads) topk_attn_kernel(const SkTopkAttnPar
     float lse = -INFINITY;
     if (mx != -INFINITY) {
       float lsum = 0.f;
-      for (int w = 0; w < kWarps; ++w) lsum += l_s[w][g] * exp2f(m_s[w][g] - mx);
+      for (int w = 0; w < kWarps; ++w) lsum += l_s[w][g] * sparsek_math::fast_exp2(m_s[w][g] - mx);
       lse = (mx + log2f(lsum)) * kLn2;
     }
     p.lse[b * p.lse_batch_stride + (hq0 + g) * p.lse_head_stride + i] = lse;
