@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import multiprocessing as mp
 import os
+import re
 import time
 from pathlib import Path
 
@@ -85,6 +86,17 @@ def test_source_hash_tracks_content(tmp_path):
 def test_packaged_sources_exist():
     names = {p.name for p in build.sources()}
     assert "fmha_fwd.cu" in names
+
+
+def test_kernels_use_the_single_instruction_exp2():
+    """Softmax exponentials go through ``sparsek_math::fast_exp2`` (one ``MUFU.EX2``): a plain ``exp2f``/``expf``
+    without fast-math compiles to four instructions per score (PERF_NOTES v20)."""
+    slow = re.compile(r"(?<![\w:])(exp2f|expf|exp2|exp)\s*\(")  # the fast intrinsic __expf is fine
+    csrc = Path(sparsek.__file__).parent / "csrc"
+    for src in sorted(csrc.glob("*.cu*")):
+        code = "\n".join(line.split("//")[0] for line in src.read_text().splitlines())
+        found = slow.search(code)
+        assert found is None, f"{src.name} calls {found.group(1)}; use sparsek_math::fast_exp2"
 
 
 def test_cache_root_env(monkeypatch, tmp_path):
