@@ -272,6 +272,18 @@ def test_sparsek_attention_matches_composition():
         assert torch.equal(out, R.sparsek_attention_ref(q, k, v, u, 6, 4, block_size=bs))
 
 
+@pytest.mark.parametrize("sq,sk,window,bs", [(100, 300, 20, 64), (130, 260, 37, 128), (200, 200, 70, 64)])
+def test_sparsek_attention_own_lists_skip_the_band_filter(sq, sk, window, bs):
+    """sparsek_attention hands its block-shared selection to the FMHA path without filtering it against the band (the
+    selection never holds band keys): exact against the reference layer, bottom-right aligned queries included."""
+    q, k, v = qkv(1, sq, sk, 4, 2, 16, seed=sq + bs)
+    u = torch.randn(1, 2, sk)
+    out = sparse.sparsek_attention(q, k, v, u, 30, window, block_size=bs)
+    assert torch.equal(out, R.sparsek_attention_ref(q, k, v, u, 30, window, block_size=bs))
+    idx = sparse.sparsek_select(u, 30, window=window, block_size=bs, seqlen_q=sq)
+    assert torch.equal(out, sparse.topk_attention(q, k, v, idx, window=window, block_size=bs))
+
+
 @pytest.mark.parametrize("qb,kb", [(128, 128), (256, 128), (128, 256), (64, 64)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_block_sparse_runs_path_padding_anywhere(qb, kb, causal):
