@@ -809,12 +809,19 @@ def _reblock_fmha(idx: torch.Tensor, block_size: int, sq: int, head_dim: int) ->
     return idx.contiguous(), ibq
 
 
-def _block_shared_fmha(q, k, v, indices, block_size, window, causal, scale, return_lse, band_free=False):
-    """Block-shared lists (``block_size`` a multiple of 64) through the FMHA index-list kernel; returns (out, lse)."""
+def _attend_lists(q, k, v, indices, scale, window, causal, block_size, return_lse, band_free=False):
+    """Checked inputs → (out, lse): block-shared lists with ``block_size`` a multiple of 64 through the FMHA
+    index-list kernel, others through the per-query gather kernel. ``band_free``: see ``_shared_to_fmha``."""
     sq, sk = q.shape[1], k.shape[1]
-    idx, counts, ibq = _shared_to_fmha(indices, block_size, window, sq, sk, q.shape[-1], band_free)
-    wl = window - 1 if window > 0 else -1
-    return torch.ops.sparsek.index_attn_fwd(q, k, v, idx, counts, ibq, scale, wl, 0 if causal else -1, return_lse)
+    if block_size is not None and block_size % 64 == 0:
+        _check_kernel_head_dim(q, INDEX_KERNEL_HEAD_DIMS, "FMHA index-list")
+        idx, counts, ibq = _shared_to_fmha(indices, block_size, window, sq, sk, q.shape[-1], band_free)
+        wl = window - 1 if window > 0 else -1
+        return torch.ops.sparsek.index_attn_fwd(q, k, v, idx, counts, ibq, scale, wl, 0 if causal else -1, return_lse)
+    _check_kernel_head_dim(q, TOPK_KERNEL_HEAD_DIMS, "top-k gather")
+    if block_size is not None:
+        indices = _shared_to_per_query(indices, block_size, window, sq, sk)
+    return torch.ops.sparsek.topk_attn_fwd(q, k, v, indices, scale, window, causal, return_lse)
 
 
 def _shared_to_per_query(idx: torch.Tensor, block_size: int, window: int, sq: int, sk: int) -> torch.Tensor:
@@ -873,14 +880,7 @@ def topk_attention(
     rows = sq if block_size is None else -(-sq // block_size)
     indices = _check_index_tensor("indices", indices, b, (hk,), rows, sk, q.device, validate)
     scale = check_scale(scale, q.shape[-1])
-    if block_size is not None and block_size % 64 == 0:
-        _check_kernel_head_dim(q, INDEX_KERNEL_HEAD_DIMS, "FMHA index-list")
-        out, lse = _block_shared_fmha(q, k, v, indices, block_size, window, causal, scale, return_lse)
-    else:
-        _check_kernel_head_dim(q, TOPK_KERNEL_HEAD_DIMS, "top-k gather")
-        if block_size is not None:
-            indices = _shared_to_per_query(indices, block_size, window, sq, sk)
-        out, lse = torch.ops.sparsek.topk_attn_fwd(q, k, v, indices, scale, window, causal, return_lse)
+    out, lse = _attend_lists(q, k, v, indices, scale, window, causal, block_size, return_lse)
     return (out, lse) if return_lse else out
 
 
@@ -1195,15 +1195,10 @@ def sparsek_attention(
     idx = sparsek_select(
         scores, k_budget, causal=causal, window=window, block_size=block_size, seqlen_q=sq, validate=validate
     )
-    if block_size is not None and block_size % 64 == 0 and q.shape[-1] in INDEX_KERNEL_HEAD_DIMS:
-        out, lse = _block_shared_fmha(
-            q, k, v, idx, block_size, window, causal, check_scale(scale, q.shape[-1]), return_lse, band_free=True
-        )
-        return (out, lse) if return_lse else out
-    return topk_attention(
-        q, k, v, idx, scale=scale, window=window, causal=causal, block_size=block_size,
-        return_lse=return_lse, validate=False,
-    )  # fmt: skip
+    scale = check_scale(scale, q.shape[-1])
+    # the selection never lists band keys, so the lists need no band filter
+    out, lse = _attend_lists(q, k, v, idx, scale, window, causal, block_size, return_lse, band_free=True)
+    return (out, lse) if return_lse else out
 
 
 def _per_query_by_blocks(q, k, v, scores, k_budget, window, scale, return_lse, validate):
