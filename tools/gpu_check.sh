@@ -41,13 +41,18 @@ if has tests; then
   summary+=("gpu tests: $(tail -1 "$OUT/pytest.log")")
   grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -40
   # The dense tests again with split-KV off (small grids take the one-CTA-per-query-block path) and forced to 8 CTAs
-  # per query block (one key tile per CTA, many empty splits).
+  # per query block (one key tile per CTA, many empty splits); SPLITS=1 also turns the split-keys kernel off.
   for n in 1 8; do
     SPARSEK_SM90_SPLITS=$n $PY -m pytest packages/sparsek-kernels/tests/test_attention_gpu.py -m "gpu or sm90" -q \
       -p no:cacheprovider >"$OUT/pytest_splits$n.log" 2>&1
     summary+=("gpu tests, SPARSEK_SM90_SPLITS=$n: $(tail -1 "$OUT/pytest_splits$n.log")")
     grep -E "^(FAILED|ERROR)" "$OUT/pytest_splits$n.log" | head -20
   done
+  # And with every dense shape on the split-keys kernel (two warpgroups on alternate key tiles of a 64-row block).
+  SPARSEK_SM90_SPLIT_KEYS=1 $PY -m pytest packages/sparsek-kernels/tests/test_attention_gpu.py -m "gpu or sm90" -q \
+    -p no:cacheprovider >"$OUT/pytest_splitkeys.log" 2>&1
+  summary+=("gpu tests, SPARSEK_SM90_SPLIT_KEYS=1: $(tail -1 "$OUT/pytest_splitkeys.log")")
+  grep -E "^(FAILED|ERROR)" "$OUT/pytest_splitkeys.log" | head -20
 fi
 
 if has bench-quick; then

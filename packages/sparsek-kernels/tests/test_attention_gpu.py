@@ -71,6 +71,25 @@ def test_split_kv_small_grids(dtype, b, sq, h, sk, d, causal, window):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "b,sq,h,sk,d,causal,window",
+    [
+        (1, 512, 8, 512, 64, False, None),  # the latency shape: 64 blocks of 64 rows, 2 key tiles per warpgroup
+        (1, 512, 8, 512, 64, True, None),
+        (1, 1, 8, 512, 64, False, None),  # one query row
+        (1, 896, 4, 896, 128, False, None),  # 7 key tiles: 4 for the first warpgroup, 3 for the second
+        (1, 200, 4, 130, 128, True, None),  # the second warpgroup's only tile holds 2 keys; first rows see none
+        (2, 100, 3, 257, 64, False, (10, 0)),  # sliding window: the second warpgroup's tiles are masked for most rows
+    ],
+)
+def test_split_keys_small_grids(dtype, b, sq, h, sk, d, causal, window):
+    """Small grids on Hopper: two warpgroups take alternate key tiles of a 64-row block (SPARSEK_SM90_SPLIT_KEYS)."""
+    torch.manual_seed(sq + sk + h)
+    q, k, v = _rand(b, sq, h, d, dtype=dtype), _rand(b, sk, h, d, dtype=dtype), _rand(b, sk, h, d, dtype=dtype)
+    _assert_matches_reference(q, k, v, causal=causal, window=window)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("hq,hk", [(8, 1), (8, 2), (6, 3)])
 @pytest.mark.parametrize("layout", ["bshd", "bhsd"])
 def test_gqa_layouts(dtype, hq, hk, layout):

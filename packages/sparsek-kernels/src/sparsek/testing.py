@@ -34,19 +34,23 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
 
 
 def cuda_event_time_us(fn: Callable[[], Any], iters: int, warmup: int) -> float:
-    """Median time of ``fn()`` on the current stream in microseconds, timed with CUDA events after ``warmup`` calls."""
+    """Median time of ``fn()`` on the current stream in microseconds, timed with CUDA events after ``warmup`` calls.
+
+    The calls are queued back to back and synchronized once at the end (as ``triton.testing.do_bench`` does), so
+    while the GPU is busy the host's launch overhead of the next call hides behind it: each pair of events brackets
+    the GPU time of one call. A call whose host side takes longer than its GPU work still shows the host's pace.
+    """
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    for start, end in zip(starts, ends):
         start.record()
         fn()
         end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000.0)
-    return statistics.median(times)
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) * 1000.0 for start, end in zip(starts, ends))
 
 
 def cuda_graph_time_us(fn: Callable[[], Any], calls: int = 20, replays: int = 30) -> float:

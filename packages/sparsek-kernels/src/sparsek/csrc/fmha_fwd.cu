@@ -139,6 +139,24 @@ static int sm90_splits(long items, int seqlen_k, int kBN, MaxClusters max_cluste
   return s > 1 ? s : 1;
 }
 
+// SPARSEK_SM90_SPLIT_KEYS=0/1 forces the split-keys kernel (two consumer warpgroups on alternate key tiles of one
+// 64-row query block) off or on; unset = the heuristic in sm90_split_keys. A benchmarking and testing knob.
+static int sm90_split_keys_override() {
+  static const int v = env_int("SPARSEK_SM90_SPLIT_KEYS", -1, -1, 1);
+  return v;
+}
+
+// Split keys for grids that 64-row query blocks still leave under one wave, with 2-7 key tiles per block (8 or more
+// take the cluster split-KV path). Each warpgroup then walks half the key tiles, and twice the CTAs share the work.
+static bool sm90_split_keys(const SkFmhaParams& p, int kBN) {
+  const int forced = sm90_split_keys_override();
+  if (forced >= 0) return forced == 1;
+  if (sm90_splits_override() > 1) return false;
+  const long items64 = (long)((p.seqlen_q + 63) / 64) * p.heads_q * p.batch;
+  const int n_kv = (p.seqlen_k + kBN - 1) / kBN;
+  return items64 <= num_sms() && n_kv >= 2 && n_kv < 8;
+}
+
 // SPARSEK_PDL=0 turns off programmatic dependent launch of the Hopper kernel (default on): with it, the next kernel
 // on the stream may start its prologue while this one finishes, and this one waits (`griddepcontrol.wait`) for
 // the previous kernel's memory before its first global access.
@@ -155,9 +173,9 @@ static bool sm90_disabled() {
 // Launches the wgmma kernel when the call qualifies (Hopper, dense or varlen, 16-byte aligned strides); returns
 // false (and launches nothing) otherwise so the caller uses the portable kernel.
 template <int kD, int kBN, int kStages, typename T, int kSched, bool kIndex = false, int kConsumers = 2,
-          bool kIntervals = false>
+          bool kIntervals = false, bool kSplitKeys = false>
 static bool try_launch_sm90(const SkFmhaParams& p, cudaStream_t stream, cudaError_t* err) {
-  using Tr = sm90::Sm90Traits<kD, kBN, kStages, T, kSched, kIndex, kConsumers, kIntervals>;
+  using Tr = sm90::Sm90Traits<kD, kBN, kStages, T, kSched, kIndex, kConsumers, kIntervals, kSplitKeys>;
   const bool varlen_q = p.cu_seqlens_q != nullptr, varlen_k = p.cu_seqlens_k != nullptr;
   const bool bf16 = p.is_bf16 != 0;
   sm90::TmaParams tma;
@@ -212,7 +230,7 @@ static bool try_launch_sm90(const SkFmhaParams& p, cudaStream_t stream, cudaErro
     }
     return v;
   };
-  tma.splits = kIndex ? 1 : sm90_splits(items, p.seqlen_k, kBN, max_clusters);
+  tma.splits = (kIndex || kSplitKeys) ? 1 : sm90_splits(items, p.seqlen_k, kBN, max_clusters);
   // Split-KV: one cluster of `splits` CTAs per work item (the kernel reuses its K/V ring for the partials, so every
   // CTA must own exactly one item).
   attr[0].val.clusterDim.x = (unsigned)tma.splits;
@@ -248,6 +266,12 @@ static bool dispatch_sm90(const SkFmhaParams& p, cudaStream_t stream, cudaError_
   // (PERF_NOTES.md, v10-v11), so it is a benchmarking knob.
   if (p.head_dim == 64 && sm90_d64_consumers() == 3)
     return try_launch_sm90<64, 128, 4, T, 2, false, 3>(p, stream, err);
+  // Small grids: two warpgroups on alternate key tiles of one 64-row query block (pipelined, no ping-pong: each
+  // warpgroup's chain of dependent tiles is what bounds these shapes).
+  if ((p.head_dim == 64 || p.head_dim == 128) && sm90_split_keys(p, 128)) {
+    return p.head_dim == 64 ? try_launch_sm90<64, 128, 4, T, 1, false, 2, false, true>(p, stream, err)
+                            : try_launch_sm90<128, 128, 2, T, 1, false, 2, false, true>(p, stream, err);
+  }
   switch (p.head_dim * 10 + sm90_schedule()) {
     case 640: return try_launch_sm90<64, 128, 4, T, 0>(p, stream, err);
     case 641: return try_launch_sm90<64, 128, 4, T, 1>(p, stream, err);

@@ -186,8 +186,11 @@ __device__ __forceinline__ float4 ld_cluster_f4(uint32_t addr) {
 // kSched bit 1: ping-pong between the consumer warpgroups (named barriers order their GEMM issue, round robin).
 // kIndex_: index-list (sparse) mode. kConsumers_: consumer warpgroups of 64 query rows each (2 or 3).
 // kIntervals_: index mode with a query interval per listed key (kv_intervals).
+// kSplitKeys_: small grids (dense/varlen): both consumer warpgroups share one 64-row query block and take alternate
+// key tiles (even / odd), then combine their partial rows through shared memory, which halves each warpgroup's chain
+// of dependent tiles and doubles the CTAs for the same problem.
 template <int kD_, int kBN_, int kStages_, typename T_, int kSched_ = 1, bool kIndex_ = false, int kConsumers_ = 2,
-          bool kIntervals_ = false>
+          bool kIntervals_ = false, bool kSplitKeys_ = false>
 struct Sm90Traits {
   using T = T_;
   static constexpr int kD = kD_, kBN = kBN_, kStages = kStages_, kSched = kSched_;
@@ -197,7 +200,14 @@ struct Sm90Traits {
   static constexpr int kConsumers = kConsumers_;
   static_assert(kConsumers == 2 || (kConsumers == 3 && !kIndex), "3 consumer warpgroups: dense/varlen only");
   static constexpr bool kPipeline = kSched & 1, kPingPong = kSched & 2;
-  static constexpr int kBM = 64 * kConsumers;
+  static constexpr bool kSplitKeys = kSplitKeys_;
+  static_assert(!kSplitKeys || (!kIndex && kConsumers == 2 && !kPingPong), "split keys: dense, 2 consumers, no ping-pong");
+  static constexpr int kBM = kSplitKeys ? 64 : 64 * kConsumers;
+  // Each K/V tile is read by every consumer warpgroup, or (split keys) by one.
+  static constexpr int kTileReaders = kSplitKeys ? 128 : 128 * kConsumers;
+  // Split keys: the second warpgroup's partial rows (O, running max, running sum per thread), element-major.
+  static constexpr int kPartialFloats = kD / 2 + 4;
+  static constexpr int kPartialBytes = kSplitKeys ? 128 * kPartialFloats * 4 : 0;
   static constexpr int kThreads = 128 * (kConsumers + 1);
   static constexpr int kConsumerThreads = 128 * kConsumers;
   static constexpr int kBlocksD = kD / 64;  // 64-column (128-byte) swizzle blocks per row
@@ -213,7 +223,8 @@ struct Sm90Traits {
                 "setmaxnreg split exceeds the registers the CTA is launched with");
   static constexpr int kPosBytes = kIndex ? kStages * kBN * 4 : 0;  // key position of every K/V tile row
   static constexpr int kSmemBytes = 1024 /*alignment slack*/ + 2 * kQBytes + 2 * kStages * kKVBytes +
-                                    256 /*barriers*/ + (kIntervals ? 2 : 1) * kPosBytes /*positions, intervals*/;
+                                    256 /*barriers*/ + (kIntervals ? 2 : 1) * kPosBytes /*positions, intervals*/ +
+                                    kPartialBytes;
 };
 
 // One unit of work of the persistent kernel: a 128-row query block of one (sequence, head).
@@ -309,13 +320,16 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const int num_m = (p.seqlen_q + kBM - 1) / kBM;
   const int num_items = num_m * p.heads_q * p.batch;
   // Split-KV: the CTAs of one cluster share a work item; cluster rank = which run of its keys this CTA takes.
-  const int splits = Tr::kIndex ? 1 : tma.splits;
+  const int splits = (Tr::kIndex || Tr::kSplitKeys) ? 1 : tma.splits;
   const int split = splits > 1 ? (int)cluster_ctarank() : 0;
   const int first_item = blockIdx.x / splits, item_stride = gridDim.x / splits;
   uint64_t* q_empty = v_empty + kStages;  // [2]
   uint64_t* pos_empty = q_empty + 2;  // index mode: consumers are done reading a stage's key positions
   int* sPos = reinterpret_cast<int*>(base + 2 * Tr::kQBytes + 2 * kStages * Tr::kKVBytes + 256);  // [kStages][kBN]
   int* sIv = sPos + kStages * kBN;  // [kStages][kBN] query intervals of listed keys (kv_intervals)
+  // Split keys: [kPartialFloats][128] partial rows of the second consumer warpgroup.
+  float* sPart = reinterpret_cast<float*>(base + 2 * Tr::kQBytes + 2 * kStages * Tr::kKVBytes + 256 +
+                                          (Tr::kIntervals ? 2 : 1) * Tr::kPosBytes);
   static_assert((2 + 5 * kStages) * 8 <= 256, "barriers must fit their 256 bytes");
   // Index mode: all 128 producer threads arrive on the K/V "full" barriers (TMA tiles: thread 0 with the byte count).
   constexpr int kFullCount = Tr::kIndex ? 128 : 1;
@@ -328,8 +342,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     for (int s = 0; s < kStages; ++s) {
       mbar_init(&k_full[s], kFullCount);
       mbar_init(&v_full[s], kFullCount);
-      mbar_init(&k_empty[s], Tr::kConsumerThreads);
-      mbar_init(&v_empty[s], Tr::kConsumerThreads);
+      mbar_init(&k_empty[s], Tr::kTileReaders);
+      mbar_init(&v_empty[s], Tr::kTileReaders);
       mbar_init(&pos_empty[s], Tr::kConsumerThreads);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -463,7 +477,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   setmaxnreg_inc<Tr::kConsumerRegs>();
   const int ctid = tid - 128 * wg;  // thread within the consumer warpgroup
   const int warp = ctid >> 5, lane = ctid & 31, g = lane >> 2, t4 = lane & 3;
-  const int wrow = (wg - 1) * 64;  // this warpgroup's first row in the block
+  const int wrow = Tr::kSplitKeys ? 0 : (wg - 1) * 64;  // this warpgroup's first row in the block
+  // The key tiles this warpgroup takes: all, or (split keys) every second one from t_first.
+  constexpr int kStep = Tr::kSplitKeys ? 2 : 1;
+  const int t_first = Tr::kSplitKeys ? wg - 1 : 0;
   const int r0 = wrow + warp * 16 + g;  // rows r0 and r0 + 8
   const float scale = p.scale_log2;
   float acc_o[kD / 2];
@@ -603,22 +620,23 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     row_sum[0] = row_sum[1] = 0.f;
     sQc = sQ + (n_items & 1) * (Tr::kQBytes / 2);
     mbar_wait(&q_full[n_items & 1], (n_items >> 1) & 1);
-    if (w.n_tiles > 0) {
+    if (t_first < w.n_tiles) {
       float corr[2];
       if constexpr (Tr::kPipeline) {
         gemm_turn_begin();
-        issue_s(0);
+        issue_s(t_first);
         gemm_turn_end();
         wgmma_wait<0>();
         fence_operands<kBN / 2>(acc_s);
-        mbar_arrive(&k_empty[kv_base % kStages]);
-        softmax(0, corr);
+        mbar_arrive(&k_empty[(kv_base + t_first) % kStages]);
+        softmax(t_first, corr);
         rescale_and_pack(corr);
-        for (int tile = 1; tile < w.n_tiles; ++tile) {
-          const int prev = (kv_base + tile - 1) % kStages;
+        int last = t_first;  // the last tile whose P V is still to issue
+        for (int tile = t_first + kStep; tile < w.n_tiles; tile += kStep) {
+          const int prev = (kv_base + last) % kStages;
           gemm_turn_begin();
           issue_s(tile);
-          issue_pv_tile(tile - 1);
+          issue_pv_tile(last);
           gemm_turn_end();
           wgmma_wait<1>();
           fence_operands<kBN / 2>(acc_s);
@@ -628,16 +646,17 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           fence_operands<kD / 2>(acc_o);
           mbar_arrive(&v_empty[prev]);
           rescale_and_pack(corr);
+          last = tile;
         }
         mbar_arrive(&q_empty[n_items & 1]);  // every S GEMM of this item has completed: Q may be overwritten
         gemm_turn_begin();
-        issue_pv_tile(w.n_tiles - 1);
+        issue_pv_tile(last);
         gemm_turn_end();
         wgmma_wait<0>();
         fence_operands<kD / 2>(acc_o);
-        mbar_arrive(&v_empty[(kv_base + w.n_tiles - 1) % kStages]);
+        mbar_arrive(&v_empty[(kv_base + last) % kStages]);
       } else {
-        for (int tile = 0; tile < w.n_tiles; ++tile) {
+        for (int tile = t_first; tile < w.n_tiles; tile += kStep) {
           gemm_turn_begin();
           issue_s(tile);
           gemm_turn_end();
@@ -657,6 +676,44 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       }
     } else {
       mbar_arrive(&q_empty[n_items & 1]);
+    }
+    if constexpr (Tr::kSplitKeys) {
+      // The second warpgroup hands its partial rows (same thread = same elements) to the first, which merges them
+      // with its own; barrier 9: partials written, barrier 10: partials read (the buffer may be reused).
+      constexpr int kP = Tr::kPartialFloats;
+      if (wg == 2) {
+#pragma unroll
+        for (int i = 0; i < kD / 2; ++i) sPart[i * 128 + ctid] = acc_o[i];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          sPart[(kD / 2 + r) * 128 + ctid] = row_max[r];
+          sPart[(kD / 2 + 2 + r) * 128 + ctid] = row_sum[r];
+        }
+        asm volatile("bar.sync 9, 256;\n" ::: "memory");
+        asm volatile("bar.sync 10, 256;\n" ::: "memory");
+        kv_base += w.n_tiles;
+        ++n_items;
+        continue;
+      }
+      asm volatile("bar.sync 9, 256;\n" ::: "memory");
+      float c_own[2], c_other[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float m_other = sPart[(kD / 2 + r) * 128 + ctid];
+        const float m = fmaxf(row_max[r], m_other);
+        const float base_r = m == -INFINITY ? 0.f : m;
+        c_own[r] = sparsek_math::fast_exp2(row_max[r] - base_r);
+        c_other[r] = sparsek_math::fast_exp2(m_other - base_r);
+        row_sum[r] = row_sum[r] * c_own[r] + sPart[(kD / 2 + 2 + r) * 128 + ctid] * c_other[r];
+        row_max[r] = m;
+      }
+#pragma unroll
+      for (int i = 0; i < kD / 2; ++i) {
+        const int r = (i >> 1) & 1;  // accumulator i belongs to row r0 + 8r
+        acc_o[i] = acc_o[i] * c_own[r] + sPart[i * 128 + ctid] * c_other[r];
+      }
+      static_assert(kP * 128 * 4 == Tr::kPartialBytes, "partial layout");
+      asm volatile("bar.arrive 10, 256;\n" ::: "memory");
     }
     // Epilogue: normalize and store straight from registers; LSE in natural log.
 #pragma unroll
