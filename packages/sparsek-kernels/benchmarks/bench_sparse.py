@@ -1,6 +1,6 @@
 """Benchmark of sparsek's sparse attention against dense SDPA (cuDNN, flash) and FlexAttention on one GPU.
 
-Two sweeps, timed with CUDA events (median of ``--iters`` runs after ``--warmup``), all in one process:
+Two sweeps, timed with CUDA events (median of ``--iters`` calls queued back to back after ``--warmup``), all in one process:
 
 1. **SparseK layer** (causal, per-key scores ``[B, H, S]``): sequence length × budget ``k`` with a local window.
    Rows: selection kernel alone; per-query top-k attention (gather kernel, the paper's exact semantics);
@@ -250,7 +250,7 @@ def write_report(runner: Runner, out: Path, args: argparse.Namespace) -> None:
         f"- GPU: {gpu}; torch {torch.__version__}; CUDA {torch.version.cuda}; sparsek {sparsek.__version__}",
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
         f"- shape: B=1, H={args.heads} (MHA), D={args.d}, dtype {str(args.dtype).removeprefix('torch.')}; "
-        f"window {args.window}; block 128; median of {args.iters} runs (CUDA events) after {args.warmup} warmup",
+        f"window {args.window}; block 128; median of {args.iters} calls queued back to back (CUDA events per call) after {args.warmup} warmup",
         "- TFLOP/s on kept (query, key) pairs only; speedup vs dense causal SDPA cuDNN at the same S",
         "",
         "| sweep | S | budget / density | implementation | time (us) | TFLOP/s (kept) | speedup vs cuDNN |",
