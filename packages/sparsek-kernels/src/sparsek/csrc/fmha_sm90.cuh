@@ -201,7 +201,8 @@ struct Sm90Traits {
   static_assert(kConsumers == 2 || (kConsumers == 3 && !kIndex), "3 consumer warpgroups: dense/varlen only");
   static constexpr bool kPipeline = kSched & 1, kPingPong = kSched & 2;
   static constexpr bool kSplitKeys = kSplitKeys_;
-  static_assert(!kSplitKeys || (!kIndex && kConsumers == 2 && !kPingPong), "split keys: dense, 2 consumers, no ping-pong");
+  static_assert(!kSplitKeys || (!kIndex && kConsumers == 2 && !kPingPong),
+                "split keys: dense, two consumers, no ping-pong");
   static constexpr int kBM = kSplitKeys ? 64 : 64 * kConsumers;
   // Each K/V tile is read by every consumer warpgroup, or (split keys) by one.
   static constexpr int kTileReaders = kSplitKeys ? 128 : 128 * kConsumers;
@@ -330,7 +331,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   // Split keys: [kPartialFloats][128] partial rows of the second consumer warpgroup.
   float* sPart = reinterpret_cast<float*>(base + 2 * Tr::kQBytes + 2 * kStages * Tr::kKVBytes + 256 +
                                           (Tr::kIntervals ? 2 : 1) * Tr::kPosBytes);
-  static_assert((2 + 5 * kStages) * 8 <= 256, "barriers must fit their 256 bytes");
+  static_assert((2 + 5 * kStages) * 8 <= 192, "barriers must fit the first 192 of their 256 bytes");
+  // Index mode: per stage and producer warp, the largest key position of the warp's 32 tile rows, or INT_MAX when
+  // one of them is empty (-1); published with the K tile like the positions (bytes 192-255 of the barrier block).
+  int* sTileMax = reinterpret_cast<int*>(reinterpret_cast<unsigned char*>(bars) + 192);
+  static_assert(kStages * 4 * 4 <= 64, "tile maxima must fit the last 64 bytes of the barrier block");
   // Index mode: all 128 producer threads arrive on the K/V "full" barriers (TMA tiles: thread 0 with the byte count).
   constexpr int kFullCount = Tr::kIndex ? 128 : 1;
 
@@ -407,6 +412,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
             mbar_wait(&pos_empty[stage], empty_phase);
           }
           sPos[stage * kBN + tid] = j;  // published by the K barrier's (release) arrivals
+          {
+            const int wmax = __reduce_max_sync(0xffffffffu, j), wmin = __reduce_min_sync(0xffffffffu, j);
+            if ((tid & 31) == 0) sTileMax[stage * 4 + tid / 32] = wmin < 0 ? INT_MAX : wmax;
+          }
           if constexpr (Tr::kIntervals) sIv[stage * kBN + tid] = iv;
           if (tma_row >= 0) {
             if (tid == 0) {
@@ -523,7 +532,17 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     const bool listed = Tr::kIndex && tile < w.n_list;
     const int n0 = w.lo + (tile - w.n_list) * kBN;
     const int pos_stage = (kv_base + tile) % kStages;
-    if (listed) {  // listed keys: positions from the producer (with K), masked only by j <= pos + window_right
+    // A listed tile whose rows all hold keys at or below every row's limit needs no mask (block runs, and lists
+    // below the band, as block-shared SparseK selections are): one test per tile instead of one per score.
+    bool listed_full = false;
+    if (Tr::kIndex && !Tr::kIntervals && listed) {
+      const int* tm = sTileMax + pos_stage * 4;
+      const int tile_max = max(max(tm[0], tm[1]), max(tm[2], tm[3]));
+      listed_full = tile_max != INT_MAX &&
+                    (p.window_right < 0 || (long long)tile_max <= (long long)w.pos_min + p.window_right);
+    }
+    // Listed keys: positions from the producer (with K), masked only by j <= pos + window_right
+    if (listed && !listed_full) {
       const int* pos = sPos + pos_stage * kBN;  // and, with kv_intervals, by the key's query interval
       const int* ivs = sIv + pos_stage * kBN;
 #pragma unroll
