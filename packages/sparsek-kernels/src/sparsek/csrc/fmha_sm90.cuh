@@ -504,12 +504,15 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   // Software pipeline (FA3's intra-warpgroup overlap): while the tensor cores run O += P_{j-1} V_{j-1}, this warpgroup
   // computes the softmax of S_j. Empty barriers are per operand, so K_j's slot is released as soon as S_j is done.
   // Tile 0 is peeled off so that every wgmma wait in the loop is unconditional (ptxas then keeps wgmmas asynchronous).
+  // Index mode: token-list tiles are gathered with cp.async (generic proxy) and need a proxy fence before wgmma reads
+  // them; runs and band tiles arrive by TMA (async proxy, made visible by the mbarrier) and need none.
+  auto gathered = [&](int tile) { return p.kv_index_run <= 1 && tile < w.n_list; };
   auto issue_s = [&](int tile) {
     const int it = kv_base + tile;
     const int stage = it % kStages;
     const T* cK = sK + stage * (Tr::kKVBytes / 2);
     mbar_wait(&k_full[stage], (it / kStages) & 1);
-    if constexpr (Tr::kIndex) fence_proxy_async();  // the tile may have been written by cp.async
+    if (Tr::kIndex && gathered(tile)) fence_proxy_async();  // the tile was written by cp.async
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk) {
@@ -524,7 +527,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     const int it = kv_base + tile;
     const int stage = it % kStages;
     mbar_wait(&v_full[stage], (it / kStages) & 1);
-    if constexpr (Tr::kIndex) fence_proxy_async();
+    if (Tr::kIndex && gathered(tile)) fence_proxy_async();
     issue_pv<Tr>(acc_o, pa, sV + stage * (Tr::kKVBytes / 2));
   };
   // Mask (tile-level test first) and online softmax of acc_s in log2 units; returns the O rescale factors.
