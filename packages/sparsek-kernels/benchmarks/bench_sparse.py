@@ -1,6 +1,7 @@
 """Benchmark of sparsek's sparse attention against dense SDPA (cuDNN, flash) and FlexAttention on one GPU.
 
-Two sweeps, timed with CUDA events (median of ``--iters`` calls queued back to back after ``--warmup``), all in one process:
+Two sweeps, timed with CUDA events (median of ``--iters`` calls queued back to back after ``--warmup``), in one
+process:
 
 1. **SparseK layer** (causal, per-key scores ``[B, H, S]``): sequence length × budget ``k`` with a local window.
    Rows: selection kernel alone; per-query top-k attention (gather kernel, the paper's exact semantics);
@@ -250,7 +251,8 @@ def write_report(runner: Runner, out: Path, args: argparse.Namespace) -> None:
         f"- GPU: {gpu}; torch {torch.__version__}; CUDA {torch.version.cuda}; sparsek {sparsek.__version__}",
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
         f"- shape: B=1, H={args.heads} (MHA), D={args.d}, dtype {str(args.dtype).removeprefix('torch.')}; "
-        f"window {args.window}; block 128; median of {args.iters} calls queued back to back (CUDA events per call) after {args.warmup} warmup",
+        f"window {args.window}; block 128; median of {args.iters} calls queued back to back (CUDA events per call) "
+        f"after {args.warmup} warmup",
         "- TFLOP/s on kept (query, key) pairs only; speedup vs dense causal SDPA cuDNN at the same S",
         "",
         "| sweep | S | budget / density | implementation | time (us) | TFLOP/s (kept) | speedup vs cuDNN |",
@@ -321,15 +323,18 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench_sparse.py needs a CUDA GPU")
     runner = Runner(args)
+    # The report is rewritten after every sequence length, so an interrupted sweep still leaves its finished rows.
     for s in args.seqlens:
         for budget in args.budgets:
             runner.sparsek_sweep(s, budget)
             torch.cuda.empty_cache()
+        write_report(runner, args.out, args)
     if not args.skip_block_sparse:
         for s in args.seqlens if not args.target else [32768]:
             for dens in args.densities:
                 runner.block_sparse_sweep(s, dens)
                 torch.cuda.empty_cache()
+            write_report(runner, args.out, args)
     write_report(runner, args.out, args)
 
 
