@@ -580,50 +580,25 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         }
       }
     }
-    // Row maxima and sums with kParts independent partial results per row, so the reductions are short dependency
-    // chains the scheduler can interleave instead of one chain of kNT steps.
-    constexpr int kParts = kNT >= 4 ? 4 : kNT;
-    float mx[2][kParts];
-#pragma unroll
-    for (int r = 0; r < 2; ++r)
-#pragma unroll
-      for (int i = 0; i < kParts; ++i) mx[r][i] = -INFINITY;
-#pragma unroll
-    for (int nt = 0; nt < kNT; ++nt)
-#pragma unroll
-      for (int r = 0; r < 2; ++r)
-        mx[r][nt % kParts] = fmaxf(mx[r][nt % kParts], fmaxf(acc_s[nt * 4 + 2 * r], acc_s[nt * 4 + 2 * r + 1]));
-    float base[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
+      float mx = -INFINITY;
 #pragma unroll
-      for (int i = 1; i < kParts; ++i) mx[r][0] = fmaxf(mx[r][0], mx[r][i]);
-      float m = fmaxf(mx[r][0], __shfl_xor_sync(0xffffffff, mx[r][0], 1));
-      m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, 2));
-      const float new_max = fmaxf(row_max[r], m * scale);
-      base[r] = new_max == -INFINITY ? 0.f : new_max;
-      corr[r] = sparsek_math::fast_exp2(row_max[r] - base[r]);
+      for (int nt = 0; nt < kNT; ++nt) mx = fmaxf(mx, fmaxf(acc_s[nt * 4 + 2 * r], acc_s[nt * 4 + 2 * r + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+      const float new_max = fmaxf(row_max[r], mx * scale);
+      const float base_r = new_max == -INFINITY ? 0.f : new_max;
+      corr[r] = sparsek_math::fast_exp2(row_max[r] - base_r);
       row_max[r] = new_max;
-    }
-    float sum[2][kParts];
+      float sum = 0.f;
 #pragma unroll
-    for (int r = 0; r < 2; ++r)
-#pragma unroll
-      for (int i = 0; i < kParts; ++i) sum[r][i] = 0.f;
-#pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        acc_s[nt * 4 + 2 * r] = sparsek_math::fast_exp2(fmaf(acc_s[nt * 4 + 2 * r], scale, -base[r]));
-        acc_s[nt * 4 + 2 * r + 1] = sparsek_math::fast_exp2(fmaf(acc_s[nt * 4 + 2 * r + 1], scale, -base[r]));
-        sum[r][nt % kParts] += acc_s[nt * 4 + 2 * r] + acc_s[nt * 4 + 2 * r + 1];
+      for (int nt = 0; nt < kNT; ++nt) {
+        acc_s[nt * 4 + 2 * r] = sparsek_math::fast_exp2(fmaf(acc_s[nt * 4 + 2 * r], scale, -base_r));
+        acc_s[nt * 4 + 2 * r + 1] = sparsek_math::fast_exp2(fmaf(acc_s[nt * 4 + 2 * r + 1], scale, -base_r));
+        sum += acc_s[nt * 4 + 2 * r] + acc_s[nt * 4 + 2 * r + 1];
       }
-    }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-#pragma unroll
-      for (int i = 1; i < kParts; ++i) sum[r][0] += sum[r][i];
-      row_sum[r] = row_sum[r] * corr[r] + sum[r][0];
+      row_sum[r] = row_sum[r] * corr[r] + sum;
     }
   };
   // Rescale O and turn the probabilities into the register A operand (k16 step kk = S n8 tiles 2kk, 2kk+1).
