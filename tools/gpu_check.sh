@@ -40,8 +40,8 @@ if has tests; then
   $PY -m pytest ${TEST_PATHS:-packages} -m "gpu or sm90" -q -p no:cacheprovider --junitxml="$OUT/junit.xml" >"$OUT/pytest.log" 2>&1
   summary+=("gpu tests: $(tail -1 "$OUT/pytest.log")")
   grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -40
-  # The dense tests again with split-KV off (small grids take the one-CTA-per-query-block path) and forced to 8 CTAs
-  # per query block (one key tile per CTA, many empty splits); SPLITS=1 also turns the split-keys kernel off.
+  # The dense tests again with cluster split-KV off (small grids: one CTA per query block, or split keys) and forced
+  # to 8 CTAs per query block (one key tile per CTA, many empty splits).
   for n in 1 8; do
     SPARSEK_SM90_SPLITS=$n $PY -m pytest packages/sparsek-kernels/tests/test_attention_gpu.py -m "gpu or sm90" -q \
       -p no:cacheprovider >"$OUT/pytest_splits$n.log" 2>&1

@@ -146,15 +146,22 @@ static int sm90_split_keys_override() {
   return v;
 }
 
-// Split keys for grids that 64-row query blocks still leave under one wave, with 2-7 key tiles per block (8 or more
-// take the cluster split-KV path). Each warpgroup then walks half the key tiles, and twice the CTAs share the work.
+// Split keys when 64-row query blocks still fit in one wave of CTAs and the cluster split-KV (sm90_splits) would cut
+// each block's keys at most in two: both halve a block's chain of dependent key tiles, and split keys does it inside
+// one CTA without the cluster's launch and barriers. Measured on an H100 (PERF_NOTES v24/v26): with 2-7 key tiles
+// per block, and with 8-16 where the cluster split would be 2 (1,8,1024,1024,64: 11.6 -> 9.6 us); a cluster split of
+// 3 or more stays faster (2,8,256,1536,128: 15.8-16.1 vs 18.5 us).
 static bool sm90_split_keys(const SkFmhaParams& p, int kBN) {
   const int forced = sm90_split_keys_override();
   if (forced >= 0) return forced == 1;
   if (sm90_splits_override() > 1) return false;
   const long items64 = (long)((p.seqlen_q + 63) / 64) * p.heads_q * p.batch;
+  const long items128 = (long)((p.seqlen_q + 127) / 128) * p.heads_q * p.batch;
   const int n_kv = (p.seqlen_k + kBN - 1) / kBN;
-  return items64 <= num_sms() && n_kv >= 2 && n_kv < 8;
+  if (items64 == 0 || items64 > num_sms() || n_kv < 2) return false;
+  long cluster_split = items128 * 2 <= num_sms() ? num_sms() / items128 : 1;  // as sm90_splits picks it, before
+  cluster_split = cluster_split < n_kv / 4 ? cluster_split : n_kv / 4;         // its fit checks (which only lower it)
+  return cluster_split <= 2;
 }
 
 // SPARSEK_PDL=0 turns off programmatic dependent launch of the Hopper kernel (default on): with it, the next kernel
