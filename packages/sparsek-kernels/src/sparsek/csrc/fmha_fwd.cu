@@ -117,6 +117,14 @@ static int sm90_splits_override() {
   return v;
 }
 
+// The split sm90_splits starts from for `items` query blocks of `n_kv` key tiles (its fit checks only lower it):
+// enough CTAs per block to fill the SMs when the grid is under half a wave, at least 4 key tiles each.
+static int sm90_split_start(long items, int n_kv) {
+  constexpr int kMinTilesPerSplit = 4;
+  const int s = items * 2 <= num_sms() ? (int)(num_sms() / items) : 1;
+  return s < n_kv / kMinTilesPerSplit ? s : n_kv / kMinTilesPerSplit;
+}
+
 // Split-KV for grids that leave most SMs idle (latency shapes, long keys with few query blocks): the keys of each
 // query block are divided among up to 8 CTAs of one cluster, enough to fill the SMs, with at least 4 K/V tiles each
 // (measured: 1-2 tiles per CTA lose to the unsplit kernel, the fixed cost of a CTA dominates) and no CTA left
@@ -124,11 +132,9 @@ static int sm90_splits_override() {
 // GPC, so a split that needs a second wave of clusters is not taken.
 template <typename MaxClusters>
 static int sm90_splits(long items, int seqlen_k, int kBN, MaxClusters max_clusters) {
-  constexpr int kMinTilesPerSplit = 4;
   const int n_kv = (seqlen_k + kBN - 1) / kBN;
   const int forced = sm90_splits_override();
-  int s = forced ? forced : (items * 2 <= num_sms() ? (int)(num_sms() / items) : 1);
-  if (!forced) s = s < n_kv / kMinTilesPerSplit ? s : n_kv / kMinTilesPerSplit;
+  int s = forced ? forced : sm90_split_start(items, n_kv);
   s = s < 8 ? s : 8;
   s = s < n_kv ? s : n_kv;
   for (; s > 1; --s) {
@@ -158,10 +164,7 @@ static bool sm90_split_keys(const SkFmhaParams& p, int kBN) {
   const long items64 = (long)((p.seqlen_q + 63) / 64) * p.heads_q * p.batch;
   const long items128 = (long)((p.seqlen_q + 127) / 128) * p.heads_q * p.batch;
   const int n_kv = (p.seqlen_k + kBN - 1) / kBN;
-  if (items64 == 0 || items64 > num_sms() || n_kv < 2) return false;
-  long cluster_split = items128 * 2 <= num_sms() ? num_sms() / items128 : 1;  // as sm90_splits picks it, before
-  cluster_split = cluster_split < n_kv / 4 ? cluster_split : n_kv / 4;         // its fit checks (which only lower it)
-  return cluster_split <= 2;
+  return items64 > 0 && items64 <= num_sms() && n_kv >= 2 && sm90_split_start(items128, n_kv) <= 2;
 }
 
 // SPARSEK_PDL=0 turns off programmatic dependent launch of the Hopper kernel (default on): with it, the next kernel
