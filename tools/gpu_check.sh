@@ -40,19 +40,17 @@ if has tests; then
   $PY -m pytest ${TEST_PATHS:-packages} -m "gpu or sm90" -q -p no:cacheprovider --junitxml="$OUT/junit.xml" >"$OUT/pytest.log" 2>&1
   summary+=("gpu tests: $(tail -1 "$OUT/pytest.log")")
   grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -40
-  # The dense tests again with cluster split-KV off (small grids: one CTA per query block, or split keys) and forced
-  # to 8 CTAs per query block (one key tile per CTA, many empty splits).
-  for n in 1 8; do
-    SPARSEK_SM90_SPLITS=$n $PY -m pytest packages/sparsek-kernels/tests/test_attention_gpu.py -m "gpu or sm90" -q \
-      -p no:cacheprovider >"$OUT/pytest_splits$n.log" 2>&1
-    summary+=("gpu tests, SPARSEK_SM90_SPLITS=$n: $(tail -1 "$OUT/pytest_splits$n.log")")
-    grep -E "^(FAILED|ERROR)" "$OUT/pytest_splits$n.log" | head -20
+  # The dense tests again with cluster split-KV off (small grids: one CTA per query block, or split keys), forced to
+  # 8 CTAs per query block (one key tile per CTA, many empty splits), and with every dense shape on the split-keys
+  # kernel (two warpgroups on alternate key tiles of a 64-row block).
+  for knob in SPARSEK_SM90_SPLITS=1 SPARSEK_SM90_SPLITS=8 SPARSEK_SM90_SPLIT_KEYS=1; do
+    name=${knob#SPARSEK_SM90_}
+    log="$OUT/pytest_${name/=/}.log"
+    env "$knob" $PY -m pytest packages/sparsek-kernels/tests/test_attention_gpu.py -m "gpu or sm90" -q \
+      -p no:cacheprovider >"$log" 2>&1
+    summary+=("gpu tests, $knob: $(tail -1 "$log")")
+    grep -E "^(FAILED|ERROR)" "$log" | head -20
   done
-  # And with every dense shape on the split-keys kernel (two warpgroups on alternate key tiles of a 64-row block).
-  SPARSEK_SM90_SPLIT_KEYS=1 $PY -m pytest packages/sparsek-kernels/tests/test_attention_gpu.py -m "gpu or sm90" -q \
-    -p no:cacheprovider >"$OUT/pytest_splitkeys.log" 2>&1
-  summary+=("gpu tests, SPARSEK_SM90_SPLIT_KEYS=1: $(tail -1 "$OUT/pytest_splitkeys.log")")
-  grep -E "^(FAILED|ERROR)" "$OUT/pytest_splitkeys.log" | head -20
 fi
 
 if has bench-quick; then
