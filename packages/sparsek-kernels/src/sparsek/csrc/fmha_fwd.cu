@@ -183,9 +183,9 @@ static bool sm90_disabled() {
 // Launches the wgmma kernel when the call qualifies (Hopper, dense or varlen, 16-byte aligned strides); returns
 // false (and launches nothing) otherwise so the caller uses the portable kernel.
 template <int kD, int kBN, int kStages, typename T, int kSched, bool kIndex = false, int kConsumers = 2,
-          bool kIntervals = false, bool kSplitKeys = false>
+          bool kIntervals = false, bool kSplitKeys = false, bool kGather = false>
 static bool try_launch_sm90(const SkFmhaParams& p, cudaStream_t stream, cudaError_t* err) {
-  using Tr = sm90::Sm90Traits<kD, kBN, kStages, T, kSched, kIndex, kConsumers, kIntervals, kSplitKeys>;
+  using Tr = sm90::Sm90Traits<kD, kBN, kStages, T, kSched, kIndex, kConsumers, kIntervals, kSplitKeys, kGather>;
   const bool varlen_q = p.cu_seqlens_q != nullptr, varlen_k = p.cu_seqlens_k != nullptr;
   const bool bf16 = p.is_bf16 != 0;
   sm90::TmaParams tma;
@@ -260,14 +260,20 @@ static bool dispatch_sm90(const SkFmhaParams& p, cudaStream_t stream, cudaError_
     if (p.index_block_q != 128 || (p.kv_index_run > 1 && p.kv_index_run % 128 != 0) || p.cu_seqlens_q) return false;
     if (p.kv_intervals) {
       switch (p.head_dim) {
-        case 64: return try_launch_sm90<64, 128, 4, T, 3, true, 2, true>(p, stream, err);
-        case 128: return try_launch_sm90<128, 128, 2, T, 3, true, 2, true>(p, stream, err);
+        case 64: return try_launch_sm90<64, 128, 4, T, 3, true, 2, true, false, true>(p, stream, err);
+        case 128: return try_launch_sm90<128, 128, 2, T, 3, true, 2, true, false, true>(p, stream, err);
         default: return false;
       }
     }
+    // Block runs arrive by TMA alone (one producer warpgroup); token lists get a second one for the V gathers.
+    const bool runs = p.kv_index_run > 1;
     switch (p.head_dim) {
-      case 64: return try_launch_sm90<64, 128, 4, T, 3, true>(p, stream, err);
-      case 128: return try_launch_sm90<128, 128, 2, T, 3, true>(p, stream, err);
+      case 64:
+        return runs ? try_launch_sm90<64, 128, 4, T, 3, true>(p, stream, err)
+                    : try_launch_sm90<64, 128, 4, T, 3, true, 2, false, false, true>(p, stream, err);
+      case 128:
+        return runs ? try_launch_sm90<128, 128, 2, T, 3, true>(p, stream, err)
+                    : try_launch_sm90<128, 128, 2, T, 3, true, 2, false, false, true>(p, stream, err);
       default: return false;
     }
   }

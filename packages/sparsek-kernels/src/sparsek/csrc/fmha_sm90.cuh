@@ -1,8 +1,8 @@
 // Hopper (sm_90a) FMHA forward: TMA loads completing on mbarriers, wgmma tensor-core GEMMs, warp specialization.
 //
-// CTA = 3 warpgroups (4 with three consumers). Warpgroup 0 is the producer: one thread issues bulk tensor copies (TMA)
-// of each work item's Q tile (two buffers, so the next item's Q loads early) and of K/V tiles into a kStages-deep
-// ring, gated by "empty" mbarriers; it gives registers back with setmaxnreg.dec.
+// CTA = 3 warpgroups (4 with three consumers or with token lists). Warpgroup 0 is the producer: one thread issues bulk
+// tensor copies (TMA) of each work item's Q tile (two buffers, so the next item's Q loads early) and of K/V tiles into
+// a kStages-deep ring, gated by "empty" mbarriers; it gives registers back with setmaxnreg.dec.
 // Warpgroups 1.. are consumers (setmaxnreg.inc), each owning 64 query rows: S = Q K^T with both operands in shared
 // memory (wgmma, 128-byte swizzle as written by TMA), online softmax on the accumulators, then O += P V with P from
 // registers and V in shared memory (transpose-B). Only compiled for sm_90a; dense and varlen, any causal/window band.
@@ -10,16 +10,19 @@
 // and combine their partial rows through distributed shared memory.
 //
 // Index-list (sparse) mode (kIndex): a 128-row query block also attends the keys of its list. Runs of 128 keys
-// (block-sparse lists) and the band arrive by TMA; token lists are gathered by the 4 producer warps (32 key rows each,
-// whole rows per request) with cp.async into the same 128-byte-swizzled layout, completing on the same mbarriers.
+// (block-sparse lists) and the band arrive by TMA; token lists are gathered with cp.async into the same
+// 128-byte-swizzled layout, completing on the same mbarriers, by two producer warpgroups (K by warpgroup 0, V by a
+// fourth one; 32 key rows per warp, whole rows per request), so both operands' copies are in flight at once.
 // The key position of every tile row is published in shared memory with the K tile for the consumers' mask (and read
-// back by the gathering warp). Measured: one-row TMA boxes gather 15-20% slower than cp.async (PERF_NOTES s7).
+// back by the gathering warp). Measured: one-row TMA boxes gather 15-25% slower than cp.async (PERF_NOTES s7, s15).
 #pragma once
 
 #include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
+
+#include <type_traits>
 
 #include "fmha_kernel.cuh"
 #include "wgmma_ops.cuh"
@@ -190,13 +193,15 @@ __device__ __forceinline__ float4 ld_cluster_f4(uint32_t addr) {
 // key tiles (even / odd), then combine their partial rows through shared memory, which halves each warpgroup's chain
 // of dependent tiles and doubles the CTAs for the same problem.
 template <int kD_, int kBN_, int kStages_, typename T_, int kSched_ = 1, bool kIndex_ = false, int kConsumers_ = 2,
-          bool kIntervals_ = false, bool kSplitKeys_ = false>
+          bool kIntervals_ = false, bool kSplitKeys_ = false, bool kGather_ = false>
 struct Sm90Traits {
   using T = T_;
   static constexpr int kD = kD_, kBN = kBN_, kStages = kStages_, kSched = kSched_;
   static constexpr bool kIndex = kIndex_;
   static constexpr bool kIntervals = kIntervals_;
   static_assert(kIndex || !kIntervals, "query intervals belong to index lists");
+  static constexpr bool kGather = kGather_;  // index lists with token tiles (gathered by cp.async)
+  static_assert(kIndex || !kGather, "gathered tiles belong to index lists");
   static constexpr int kConsumers = kConsumers_;
   static_assert(kConsumers == 2 || (kConsumers == 3 && !kIndex), "3 consumer warpgroups: dense/varlen only");
   static constexpr bool kPipeline = kSched & 1, kPingPong = kSched & 2;
@@ -209,22 +214,27 @@ struct Sm90Traits {
   // Split keys: the second warpgroup's partial rows (O, running max, running sum per thread), element-major.
   static constexpr int kPartialFloats = kD / 2 + 4;
   static constexpr int kPartialBytes = kSplitKeys ? 128 * kPartialFloats * 4 : 0;
-  static constexpr int kThreads = 128 * (kConsumers + 1);
+  // Token lists have two producer warpgroups: warpgroup 0 gathers K (and loads Q), the last one gathers V, so the two
+  // operands' copies are issued in parallel (PERF_NOTES s15: one warp's cp.async chain bounds a gathered tile). Not
+  // with query intervals: their consumers need the 224 registers (at 216 they spill).
+  static constexpr int kProducerWGs = kGather && !kIntervals ? 2 : 1;
+  static constexpr int kThreads = 128 * (kConsumers + kProducerWGs);
   static constexpr int kConsumerThreads = 128 * kConsumers;
   static constexpr int kBlocksD = kD / 64;  // 64-column (128-byte) swizzle blocks per row
   static constexpr int kQBytes = kBM * kD * 2;  // one Q tile; two are kept so the next work item's Q loads early
   static constexpr int kKVBytes = kBN * kD * 2;  // one K (or V) tile
   // Register split (setmaxnreg): the CTA starts with kLaunchRegs per thread and setmaxnreg.inc only takes what .dec
-  // released, so the split must not exceed them (it hangs otherwise). Index mode gives the producer more for its
-  // gathers: 128*56 + 256*224 = 384*168; dense 128*40 + 256*232 = 384*168; 3 consumers 128*32 + 384*160 = 512*128.
-  static constexpr int kProducerRegs = kConsumers == 3 ? 32 : (kIndex ? 56 : 40);
-  static constexpr int kConsumerRegs = kConsumers == 3 ? 160 : (kIndex ? 224 : 232);
-  static constexpr int kLaunchRegs = (65536 / (128 * (kConsumers + 1))) & ~7;
-  static_assert(128 * kProducerRegs + 128 * kConsumers * kConsumerRegs <= 128 * (kConsumers + 1) * kLaunchRegs,
+  // released, so the split must not exceed them (it hangs otherwise). Token lists: 2*128*40 + 256*216 = 512*128;
+  // other index lists 128*56 + 256*224 = 384*168; dense 128*40 + 256*232 = 384*168; 3 consumers 128*32 + 384*160 =
+  // 512*128.
+  static constexpr int kProducerRegs = kConsumers == 3 ? 32 : (kIndex && kProducerWGs == 1 ? 56 : 40);
+  static constexpr int kConsumerRegs = kConsumers == 3 ? 160 : (kProducerWGs == 2 ? 216 : (kIndex ? 224 : 232));
+  static constexpr int kLaunchRegs = (65536 / kThreads) & ~7;
+  static_assert(128 * kProducerWGs * kProducerRegs + 128 * kConsumers * kConsumerRegs <= kThreads * kLaunchRegs,
                 "setmaxnreg split exceeds the registers the CTA is launched with");
-  static constexpr int kPosBytes = kIndex ? kStages * kBN * 4 : 0;  // key position of every K/V tile row
+  static constexpr int kPosBytes = kIndex ? kStages * kBN * 4 : 0;  // key position of every K (or V) tile row
   static constexpr int kSmemBytes = 1024 /*alignment slack*/ + 2 * kQBytes + 2 * kStages * kKVBytes +
-                                    256 /*barriers*/ + (kIntervals ? 2 : 1) * kPosBytes /*positions, intervals*/ +
+                                    256 /*barriers*/ + (kIntervals ? 3 : 2) * kPosBytes /*K, V positions, intervals*/ +
                                     kPartialBytes;
 };
 
@@ -327,16 +337,18 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   uint64_t* q_empty = v_empty + kStages;  // [2]
   uint64_t* pos_empty = q_empty + 2;  // index mode: consumers are done reading a stage's key positions
   int* sPos = reinterpret_cast<int*>(base + 2 * Tr::kQBytes + 2 * kStages * Tr::kKVBytes + 256);  // [kStages][kBN]
-  int* sIv = sPos + kStages * kBN;  // [kStages][kBN] query intervals of listed keys (kv_intervals)
+  int* sPosV = sPos + kStages * kBN;  // [kStages][kBN] the V warpgroup's own copy (read by its gathering warps)
+  int* sIv = sPosV + kStages * kBN;  // [kStages][kBN] query intervals of listed keys (kv_intervals)
   // Split keys: [kPartialFloats][128] partial rows of the second consumer warpgroup.
   float* sPart = reinterpret_cast<float*>(base + 2 * Tr::kQBytes + 2 * kStages * Tr::kKVBytes + 256 +
-                                          (Tr::kIntervals ? 2 : 1) * Tr::kPosBytes);
+                                          (Tr::kIntervals ? 3 : 2) * Tr::kPosBytes);
   static_assert((2 + 5 * kStages) * 8 <= 192, "barriers must fit the first 192 of their 256 bytes");
   // Index mode: per stage and producer warp, the largest key position of the warp's 32 tile rows, or INT_MAX when
   // one of them is empty (-1); published with the K tile like the positions (bytes 192-255 of the barrier block).
   int* sTileMax = reinterpret_cast<int*>(reinterpret_cast<unsigned char*>(bars) + 192);
   static_assert(kStages * 4 * 4 <= 64, "tile maxima must fit the last 64 bytes of the barrier block");
-  // Index mode: all 128 producer threads arrive on the K/V "full" barriers (TMA tiles: thread 0 with the byte count).
+  // Index mode: the 128 threads of the K (V) producer warpgroup arrive on the K (V) "full" barriers (TMA tiles: its
+  // thread 0 with the byte count).
   constexpr int kFullCount = Tr::kIndex ? 128 : 1;
 
   if (tid == 0) {
@@ -359,94 +371,111 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 
-  if (wg == 0) {  // ---------------------------------------------------------------- producer
+  if (wg == 0 || wg > Tr::kConsumers) {  // -------------------------------------------------------- producers
     setmaxnreg_dec<Tr::kProducerRegs>();
     if constexpr (Tr::kIndex) {
       static_assert(kBN == 128, "index mode: one producer thread per key row");
-      const int run = p.kv_index_run > 1 ? p.kv_index_run : 1;
-      int kv_iter = 0, n_items = 0;
-      for (int item = first_item; item < num_items; item += item_stride) {
-        const WorkTile w = work_tile<kBM, kBN>(p, item, num_m);
-        if (!w.valid) continue;
-        const int hk = w.h / group;
-        if (tid == 0) {
-          const int qbuf = n_items & 1;
-          if (n_items >= 2) mbar_wait(&q_empty[qbuf], ((n_items >> 1) - 1) & 1);
-          mbar_expect_tx(&q_full[qbuf], Tr::kQBytes);
-          T* dQ = sQ + qbuf * (Tr::kQBytes / 2);
-          for (int c = 0; c < kBlocksD; ++c)
-            tma_load_4d(dQ + c * kBM * 64, &tma.q, &q_full[qbuf], c * 64, w.m0, w.h, w.b);
+      // Role 0: Q, K and the key positions; role 1: V (second producer warpgroup); role 2: all (block runs).
+      auto index_producer = [&](auto role) {
+        constexpr bool do_k = decltype(role)::value != 1, do_v = decltype(role)::value != 0;
+        const int tid = threadIdx.x % 128;
+        const int run = p.kv_index_run > 1 ? p.kv_index_run : 1;
+        int kv_iter = 0, n_items = 0;
+        for (int item = first_item; item < num_items; item += item_stride) {
+          const WorkTile w = work_tile<kBM, kBN>(p, item, num_m);
+          if (!w.valid) continue;
+          const int hk = w.h / group;
+          if (do_k && tid == 0) {
+            const int qbuf = n_items & 1;
+            if (n_items >= 2) mbar_wait(&q_empty[qbuf], ((n_items >> 1) - 1) & 1);
+            mbar_expect_tx(&q_full[qbuf], Tr::kQBytes);
+            T* dQ = sQ + qbuf * (Tr::kQBytes / 2);
+            for (int c = 0; c < kBlocksD; ++c)
+              tma_load_4d(dQ + c * kBM * 64, &tma.q, &q_full[qbuf], c * 64, w.m0, w.h, w.b);
+          }
+          const T* kbase = reinterpret_cast<const T*>(p.k) + w.b * p.k_batch_stride + hk * p.k_head_stride;
+          const T* vbase = reinterpret_cast<const T*>(p.v) + w.b * p.v_batch_stride + hk * p.v_head_stride;
+          int j_next = run == 1 && w.n_list > 0 && tid < w.list_n ? __ldg(w.list + tid) : -1;
+          for (int tile = 0; tile < w.n_tiles; ++tile, ++kv_iter) {
+            const int stage = kv_iter % kStages;
+            const int empty_phase = ((kv_iter / kStages) - 1) & 1;
+            int j, tma_row = -1;  // this thread's key position; first row of a TMA tile (-1: gathered tile)
+            int iv = 0;           // its query interval (kv_intervals)
+            if (tile < w.n_list) {
+              if (run > 1) {
+                const int e = tile * kBN;  // offset into the concatenated runs
+                const int start = __ldg(w.list + e / run);
+                const int first = start >= 0 ? start + e % run : -1;
+                tma_row = first >= 0 ? first : 0;
+                j = first >= 0 && first + tid < w.sk ? first + tid : -1;
+              } else {
+                const int e = tile * kBN + tid;
+                j = e < w.list_n ? j_next : -1;
+                // the next tile's entry loads while this tile waits and gathers
+                j_next = tile + 1 < w.n_list && e + kBN < w.list_n ? __ldg(w.list + e + kBN) : -1;
+                if (j >= w.sk) j = -1;
+                if (Tr::kIntervals && do_k && e < w.list_n) iv = __ldg(w.ivlist + e);
+              }
+            } else {
+              const int n0 = w.lo + (tile - w.n_list) * kBN;
+              tma_row = n0;
+              j = n0 + tid < w.hi ? n0 + tid : -1;
+            }
+            if constexpr (do_k) {
+              T* dK = sK + stage * (Tr::kKVBytes / 2);
+              if (kv_iter >= kStages) {
+                mbar_wait(&k_empty[stage], empty_phase);
+                mbar_wait(&pos_empty[stage], empty_phase);
+              }
+              sPos[stage * kBN + tid] = j;  // published by the K barrier's (release) arrivals
+              {
+                const int wmax = __reduce_max_sync(0xffffffffu, j), wmin = __reduce_min_sync(0xffffffffu, j);
+                if ((tid & 31) == 0) sTileMax[stage * 4 + tid / 32] = wmin < 0 ? INT_MAX : wmax;
+              }
+              if constexpr (Tr::kIntervals) sIv[stage * kBN + tid] = iv;
+              if (!Tr::kGather || tma_row >= 0) {  // block runs: every tile by TMA
+                if (tid == 0) {
+                  mbar_expect_tx(&k_full[stage], Tr::kKVBytes);
+                  for (int c = 0; c < kBlocksD; ++c)
+                    tma_load_4d(dK + c * kBN * 64, &tma.k, &k_full[stage], c * 64, tma_row, hk, w.b);
+                } else {
+                  mbar_arrive(&k_full[stage]);
+                }
+              } else {
+                __syncwarp();  // this warp's rows of sPos are written
+                gather_rows<kD, kBN>(dK, kbase, p.k_row_stride, tid / 32, tid % 32, sPos + stage * kBN);
+                cp_async_mbar_arrive(&k_full[stage]);
+                mbar_arrive(&k_full[stage]);
+              }
+            }
+            if constexpr (do_v) {
+              T* dV = sV + stage * (Tr::kKVBytes / 2);
+              if (kv_iter >= kStages) mbar_wait(&v_empty[stage], empty_phase);
+              if (!Tr::kGather || tma_row >= 0) {  // block runs: every tile by TMA
+                if (tid == 0) {
+                  mbar_expect_tx(&v_full[stage], Tr::kKVBytes);
+                  for (int c = 0; c < kBlocksD; ++c)
+                    tma_load_4d(dV + c * kBN * 64, &tma.v, &v_full[stage], c * 64, tma_row, hk, w.b);
+                } else {
+                  mbar_arrive(&v_full[stage]);
+                }
+              } else {
+                sPosV[stage * kBN + tid] = j;  // the slot's previous gather was issued by this same warp
+                __syncwarp();
+                gather_rows<kD, kBN>(dV, vbase, p.v_row_stride, tid / 32, tid % 32, sPosV + stage * kBN);
+                cp_async_mbar_arrive(&v_full[stage]);
+                mbar_arrive(&v_full[stage]);
+              }
+            }
+          }
+          ++n_items;
         }
-        const T* kbase = reinterpret_cast<const T*>(p.k) + w.b * p.k_batch_stride + hk * p.k_head_stride;
-        const T* vbase = reinterpret_cast<const T*>(p.v) + w.b * p.v_batch_stride + hk * p.v_head_stride;
-        int j_next = run == 1 && w.n_list > 0 && tid < w.list_n ? __ldg(w.list + tid) : -1;
-        for (int tile = 0; tile < w.n_tiles; ++tile, ++kv_iter) {
-          const int stage = kv_iter % kStages;
-          const int empty_phase = ((kv_iter / kStages) - 1) & 1;
-          int j, tma_row = -1;  // this thread's key position; first row of a TMA tile (-1: gathered tile)
-          int iv = 0;           // its query interval (kv_intervals)
-          if (tile < w.n_list) {
-            if (run > 1) {
-              const int e = tile * kBN;  // offset into the concatenated runs
-              const int start = __ldg(w.list + e / run);
-              const int first = start >= 0 ? start + e % run : -1;
-              tma_row = first >= 0 ? first : 0;
-              j = first >= 0 && first + tid < w.sk ? first + tid : -1;
-            } else {
-              const int e = tile * kBN + tid;
-              j = e < w.list_n ? j_next : -1;
-              // the next tile's entry loads while this tile waits and gathers
-              j_next = tile + 1 < w.n_list && e + kBN < w.list_n ? __ldg(w.list + e + kBN) : -1;
-              if (j >= w.sk) j = -1;
-              if (Tr::kIntervals && e < w.list_n) iv = __ldg(w.ivlist + e);
-            }
-          } else {
-            const int n0 = w.lo + (tile - w.n_list) * kBN;
-            tma_row = n0;
-            j = n0 + tid < w.hi ? n0 + tid : -1;
-          }
-          T* dK = sK + stage * (Tr::kKVBytes / 2);
-          T* dV = sV + stage * (Tr::kKVBytes / 2);
-          if (kv_iter >= kStages) {
-            mbar_wait(&k_empty[stage], empty_phase);
-            mbar_wait(&pos_empty[stage], empty_phase);
-          }
-          sPos[stage * kBN + tid] = j;  // published by the K barrier's (release) arrivals
-          {
-            const int wmax = __reduce_max_sync(0xffffffffu, j), wmin = __reduce_min_sync(0xffffffffu, j);
-            if ((tid & 31) == 0) sTileMax[stage * 4 + tid / 32] = wmin < 0 ? INT_MAX : wmax;
-          }
-          if constexpr (Tr::kIntervals) sIv[stage * kBN + tid] = iv;
-          if (tma_row >= 0) {
-            if (tid == 0) {
-              mbar_expect_tx(&k_full[stage], Tr::kKVBytes);
-              for (int c = 0; c < kBlocksD; ++c)
-                tma_load_4d(dK + c * kBN * 64, &tma.k, &k_full[stage], c * 64, tma_row, hk, w.b);
-            } else {
-              mbar_arrive(&k_full[stage]);
-            }
-          } else {
-            __syncwarp();  // this warp's rows of sPos are written
-            gather_rows<kD, kBN>(dK, kbase, p.k_row_stride, tid / 32, tid % 32, sPos + stage * kBN);
-            cp_async_mbar_arrive(&k_full[stage]);
-            mbar_arrive(&k_full[stage]);
-          }
-          if (kv_iter >= kStages) mbar_wait(&v_empty[stage], empty_phase);
-          if (tma_row >= 0) {
-            if (tid == 0) {
-              mbar_expect_tx(&v_full[stage], Tr::kKVBytes);
-              for (int c = 0; c < kBlocksD; ++c)
-                tma_load_4d(dV + c * kBN * 64, &tma.v, &v_full[stage], c * 64, tma_row, hk, w.b);
-            } else {
-              mbar_arrive(&v_full[stage]);
-            }
-          } else {
-            gather_rows<kD, kBN>(dV, vbase, p.v_row_stride, tid / 32, tid % 32, sPos + stage * kBN);
-            cp_async_mbar_arrive(&v_full[stage]);
-            mbar_arrive(&v_full[stage]);
-          }
-        }
-        ++n_items;
+      };
+      if constexpr (Tr::kProducerWGs == 2) {
+        if (wg == 0) index_producer(std::integral_constant<int, 0>{});
+        else index_producer(std::integral_constant<int, 1>{});
+      } else {
+        index_producer(std::integral_constant<int, 2>{});
       }
     } else if (tid == 0) {
       int kv_iter = 0, n_items = 0;  // K/V tiles and work items loaded so far by this CTA
