@@ -232,9 +232,12 @@ struct Sm90Traits {
   static constexpr int kLaunchRegs = (65536 / kThreads) & ~7;
   static_assert(128 * kProducerWGs * kProducerRegs + 128 * kConsumers * kConsumerRegs <= kThreads * kLaunchRegs,
                 "setmaxnreg split exceeds the registers the CTA is launched with");
-  static constexpr int kPosBytes = kIndex ? kStages * kBN * 4 : 0;  // key position of every K (or V) tile row
+  static constexpr int kPosBytes = kIndex ? kStages * kBN * 4 : 0;  // key position of every K/V tile row
+  // Position arrays: K's (read by the consumers), the V warpgroup's own copy (two producers), the query intervals.
+  // (Every KB counts: past 196 KB of shared memory the L1 carve-out drops from ~60 KB to ~28 KB.)
+  static constexpr int kPosArrays = 1 + (kProducerWGs == 2 ? 1 : 0) + (kIntervals ? 1 : 0);
   static constexpr int kSmemBytes = 1024 /*alignment slack*/ + 2 * kQBytes + 2 * kStages * kKVBytes +
-                                    256 /*barriers*/ + (kIntervals ? 3 : 2) * kPosBytes /*K, V positions, intervals*/ +
+                                    256 /*barriers*/ + kPosArrays * kPosBytes /*positions, intervals*/ +
                                     kPartialBytes;
 };
 
@@ -337,11 +340,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   uint64_t* q_empty = v_empty + kStages;  // [2]
   uint64_t* pos_empty = q_empty + 2;  // index mode: consumers are done reading a stage's key positions
   int* sPos = reinterpret_cast<int*>(base + 2 * Tr::kQBytes + 2 * kStages * Tr::kKVBytes + 256);  // [kStages][kBN]
-  int* sPosV = sPos + kStages * kBN;  // [kStages][kBN] the V warpgroup's own copy (read by its gathering warps)
+  // [kStages][kBN] the second producer warpgroup's copy of the positions (read by its gathering warps)
+  int* sPosV = Tr::kProducerWGs == 2 ? sPos + kStages * kBN : sPos;
   int* sIv = sPosV + kStages * kBN;  // [kStages][kBN] query intervals of listed keys (kv_intervals)
   // Split keys: [kPartialFloats][128] partial rows of the second consumer warpgroup.
   float* sPart = reinterpret_cast<float*>(base + 2 * Tr::kQBytes + 2 * kStages * Tr::kKVBytes + 256 +
-                                          (Tr::kIntervals ? 3 : 2) * Tr::kPosBytes);
+                                          Tr::kPosArrays * Tr::kPosBytes);
   static_assert((2 + 5 * kStages) * 8 <= 192, "barriers must fit the first 192 of their 256 bytes");
   // Index mode: per stage and producer warp, the largest key position of the warp's 32 tile rows, or INT_MAX when
   // one of them is empty (-1); published with the K tile like the positions (bytes 192-255 of the barrier block).
@@ -460,8 +464,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
                   mbar_arrive(&v_full[stage]);
                 }
               } else {
-                sPosV[stage * kBN + tid] = j;  // the slot's previous gather was issued by this same warp
-                __syncwarp();
+                if constexpr (!do_k) {  // the V warpgroup's own copy (one producer: K's, written above, serve V)
+                  sPosV[stage * kBN + tid] = j;  // the slot's previous gather was issued by this same warp
+                  __syncwarp();
+                }
                 gather_rows<kD, kBN>(dV, vbase, p.v_row_stride, tid / 32, tid % 32, sPosV + stage * kBN);
                 cp_async_mbar_arrive(&v_full[stage]);
                 mbar_arrive(&v_full[stage]);

@@ -222,19 +222,24 @@ extern "C" int sk_topk_select(const float* scores, int64_t score_batch_stride, i
   const int64_t max_pool = kMaxPoolBytes / 8;
   const bool pool = score_row_stride == 0 && static_cast<int64_t>(k) + step <= max_pool;
   if (pool) {
-    // Enough CTAs to fill the GPU twice over, but no more rows per CTA than the pool allows (and at most 64).
-    int64_t per = (static_cast<int64_t>(rows) * bh + 2 * sms - 1) / (2 * sms);
-    per = per < 1 ? 1 : (per > 64 ? 64 : per);
-    if (step > 0) {
-      const int64_t fit = (max_pool - k) / step + 1;
-      per = per > fit ? fit : per;
-    }
-    const int rpc = static_cast<int>(per);
-    const int64_t cap = static_cast<int64_t>(k) + static_cast<int64_t>(rpc - 1) * step;
-    const size_t smem = static_cast<size_t>(cap) * 8;
+    // Rows per CTA: as few as fill one wave of resident CTAs (each row's selection is a chain of block-wide barrier
+    // rounds, so resident CTAs, not the rows they share a pool with, hide each other's latency), at most 64 and no
+    // more than the pool allows.
+    const int64_t fit = step > 0 ? (max_pool - k) / step + 1 : 64;
+    const auto pool_bytes = [&](int64_t per) { return static_cast<size_t>(k + (per - 1) * step) * 8; };
     cudaError_t err = cudaFuncSetAttribute(topk_select_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(smem));
+                                           kMaxPoolBytes);
     if (err != cudaSuccess) return err;
+    int resident = 1;
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, topk_select_kernel<true>, kThreads,
+                                                        pool_bytes(fit < 8 ? fit : 8));
+    if (err != cudaSuccess) return err;
+    const int64_t slots = static_cast<int64_t>(resident < 1 ? 1 : resident) * sms;
+    int64_t per = (static_cast<int64_t>(rows) * bh + slots - 1) / slots;
+    per = per < 1 ? 1 : (per > 64 ? 64 : per);
+    per = per > fit ? fit : per;
+    const int rpc = static_cast<int>(per);
+    const size_t smem = pool_bytes(per);
     dim3 grid((rows + rpc - 1) / rpc, bh);
     topk_select_kernel<true><<<grid, kThreads, smem, st>>>(scores, score_batch_stride, score_head_stride, 0, heads,
                                                            rows, seqlen_k, k, off, step, rpc, out_indices, out_counts);
