@@ -427,6 +427,21 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
               tma_row = n0;
               j = n0 + tid < w.hi ? n0 + tid : -1;
             }
+            // A TMA tile: thread 0 issues it with the byte count, the others arrive.
+            auto tma_tile = [&](T* dst, const CUtensorMap* map, uint64_t* full) {
+              if (tid == 0) {
+                mbar_expect_tx(full, Tr::kKVBytes);
+                for (int c = 0; c < kBlocksD; ++c) tma_load_4d(dst + c * kBN * 64, map, full, c * 64, tma_row, hk, w.b);
+              } else {
+                mbar_arrive(full);
+              }
+            };
+            // A gathered tile: each warp copies its 32 rows from the positions in `pos` (written, warp-synchronized).
+            auto gather_tile = [&](T* dst, const T* base, int64_t row_stride, uint64_t* full, const int* pos) {
+              gather_rows<kD, kBN>(dst, base, row_stride, tid / 32, tid % 32, pos);
+              cp_async_mbar_arrive(full);
+              mbar_arrive(full);
+            };
             if constexpr (do_k) {
               T* dK = sK + stage * (Tr::kKVBytes / 2);
               if (kv_iter >= kStages) {
@@ -440,39 +455,23 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
               }
               if constexpr (Tr::kIntervals) sIv[stage * kBN + tid] = iv;
               if (!Tr::kGather || tma_row >= 0) {  // block runs: every tile by TMA
-                if (tid == 0) {
-                  mbar_expect_tx(&k_full[stage], Tr::kKVBytes);
-                  for (int c = 0; c < kBlocksD; ++c)
-                    tma_load_4d(dK + c * kBN * 64, &tma.k, &k_full[stage], c * 64, tma_row, hk, w.b);
-                } else {
-                  mbar_arrive(&k_full[stage]);
-                }
+                tma_tile(dK, &tma.k, &k_full[stage]);
               } else {
                 __syncwarp();  // this warp's rows of sPos are written
-                gather_rows<kD, kBN>(dK, kbase, p.k_row_stride, tid / 32, tid % 32, sPos + stage * kBN);
-                cp_async_mbar_arrive(&k_full[stage]);
-                mbar_arrive(&k_full[stage]);
+                gather_tile(dK, kbase, p.k_row_stride, &k_full[stage], sPos + stage * kBN);
               }
             }
             if constexpr (do_v) {
               T* dV = sV + stage * (Tr::kKVBytes / 2);
               if (kv_iter >= kStages) mbar_wait(&v_empty[stage], empty_phase);
               if (!Tr::kGather || tma_row >= 0) {  // block runs: every tile by TMA
-                if (tid == 0) {
-                  mbar_expect_tx(&v_full[stage], Tr::kKVBytes);
-                  for (int c = 0; c < kBlocksD; ++c)
-                    tma_load_4d(dV + c * kBN * 64, &tma.v, &v_full[stage], c * 64, tma_row, hk, w.b);
-                } else {
-                  mbar_arrive(&v_full[stage]);
-                }
+                tma_tile(dV, &tma.v, &v_full[stage]);
               } else {
                 if constexpr (!do_k) {  // the V warpgroup's own copy (one producer: K's, written above, serve V)
                   sPosV[stage * kBN + tid] = j;  // the slot's previous gather was issued by this same warp
                   __syncwarp();
                 }
-                gather_rows<kD, kBN>(dV, vbase, p.v_row_stride, tid / 32, tid % 32, sPosV + stage * kBN);
-                cp_async_mbar_arrive(&v_full[stage]);
-                mbar_arrive(&v_full[stage]);
+                gather_tile(dV, vbase, p.v_row_stride, &v_full[stage], sPosV + stage * kBN);
               }
             }
           }
