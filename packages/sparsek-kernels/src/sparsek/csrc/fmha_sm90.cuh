@@ -119,23 +119,24 @@ __device__ __forceinline__ void issue_pv(float* acc_o, const uint32_t (*pa)[4], 
 }
 
 // Index-list mode: producer warp `warp` copies key rows into rows [32 warp, 32 warp + 32) of a [kBlocksD][kBN][64]
-// tile with the 128-byte swizzle TMA uses (16-byte chunk c of row r at c ^ (r % 8)). `pos` holds the key of every
-// tile row (j < 0: zeros), written by this warp's lanes for their own rows (the caller __syncwarp()s). Each step
-// copies whole rows with consecutive lanes on consecutive 16-byte chunks, so every request reads full 32-byte sectors;
-// the keys are read from shared memory (independent loads, no shuffle chain), several steps in flight.
-template <int kD, int kBN, typename T>
-__device__ __forceinline__ void gather_rows(T* tile, const T* base, int64_t row_stride, int warp, int lane,
-                                            const int* pos) {
+// tile with the 128-byte swizzle TMA uses (16-byte chunk c of row r at c ^ (r % 8)). Lane l holds in `j_own` the key
+// of the warp's row l (j < 0: zeros); each step takes a row's key from its lane by shuffle (independent of the other
+// steps, no shared-memory round trip) and copies whole rows with consecutive lanes on consecutive 16-byte chunks, so
+// every request reads full 32-byte sectors. Row j starts `j * row_bytes` bytes after `base` (one 32x32->64 multiply).
+template <int kD, int kBN, int kUnroll, typename T>
+__device__ __forceinline__ void gather_rows(T* tile, const T* base, uint32_t row_bytes, int warp, int lane,
+                                            int j_own) {
   constexpr int kChunks = kD / 8, kRowsPerStep = 32 / kChunks;
   const int ch = lane % kChunks;
   const uint32_t dst0 = smem_u32(tile) + (ch / 8) * kBN * 128;
-  const int r0 = warp * 32 + lane / kChunks;
-  const T* src0 = base + ch * 8;
-#pragma unroll 2
+  const int r0 = lane / kChunks;  // this lane's first row within the warp's 32
+  const char* src0 = reinterpret_cast<const char*>(base + ch * 8);
+#pragma unroll kUnroll
   for (int i = 0; i < kChunks; ++i) {
-    const int r = r0 + i * kRowsPerStep;
-    const int j = pos[r];
-    cp_async_16(dst0 + r * 128 + (((ch % 8) ^ (r & 7)) << 4), src0 + (int64_t)max(j, 0) * row_stride, j >= 0 ? 16 : 0);
+    const int rw = r0 + i * kRowsPerStep;
+    const int r = warp * 32 + rw;
+    const int j = __shfl_sync(0xffffffffu, j_own, rw);
+    cp_async_16(dst0 + r * 128 + (((ch % 8) ^ (r & 7)) << 4), src0 + (uint64_t)(uint32_t)max(j, 0) * row_bytes, j >= 0 ? 16 : 0);
   }
 }
 
@@ -219,9 +220,12 @@ struct Sm90Traits {
   // with query intervals: their consumers need the 224 registers (at 216 they spill).
   static constexpr int kProducerWGs = kGather && !kIntervals ? 2 : 1;
   static constexpr int kThreads = 128 * (kConsumers + kProducerWGs);
+  // Gather loop unrolling: more independent row copies in flight per producer warp (its instruction chain is what
+  // bounds gathered tiles): 4 measured best with two producers (8 and 16 slower), 2 with one (56 registers).
+  static constexpr int kGatherUnroll = kProducerWGs == 2 ? 4 : 2;
   static constexpr int kConsumerThreads = 128 * kConsumers;
   static constexpr int kBlocksD = kD / 64;  // 64-column (128-byte) swizzle blocks per row
-  static constexpr int kQBytes = kBM * kD * 2;  // one Q tile; two are kept so the next work item's Q loads early
+  static constexpr int kQBytes = kBM * kD * 2;  // one Q tile
   static constexpr int kKVBytes = kBN * kD * 2;  // one K (or V) tile
   // Register split (setmaxnreg): the CTA starts with kLaunchRegs per thread and setmaxnreg.inc only takes what .dec
   // released, so the split must not exceed them (it hangs otherwise). Token lists: 2*128*40 + 256*216 = 512*128;
@@ -233,12 +237,19 @@ struct Sm90Traits {
   static_assert(128 * kProducerWGs * kProducerRegs + 128 * kConsumers * kConsumerRegs <= kThreads * kLaunchRegs,
                 "setmaxnreg split exceeds the registers the CTA is launched with");
   static constexpr int kPosBytes = kIndex ? kStages * kBN * 4 : 0;  // key position of every K/V tile row
-  // Position arrays: K's (read by the consumers), the V warpgroup's own copy (two producers), the query intervals.
+  // Position arrays: K's (read by the consumers), the query intervals.
   // (Every KB counts: past 196 KB of shared memory the L1 carve-out drops from ~60 KB to ~28 KB.)
-  static constexpr int kPosArrays = 1 + (kProducerWGs == 2 ? 1 : 0) + (kIntervals ? 1 : 0);
-  static constexpr int kSmemBytes = 1024 /*alignment slack*/ + 2 * kQBytes + 2 * kStages * kKVBytes +
-                                    256 /*barriers*/ + kPosArrays * kPosBytes /*positions, intervals*/ +
-                                    kPartialBytes;
+  static constexpr int kPosArrays = 1 + (kIntervals ? 1 : 0);
+  static constexpr int kSmemMax = 232448;  // 227 KB: the most dynamic shared memory one CTA may use
+  // Two Q buffers (work item n uses n % 2, so the next item's Q loads early) where they fit, else one.
+  static constexpr int kSmemOther = 1024 /*alignment slack*/ + 2 * kStages * kKVBytes + 256 /*barriers*/ +
+                                    kPosArrays * kPosBytes /*positions, intervals*/ + kPartialBytes;
+  static constexpr int kQBufs = kSmemOther + 2 * kQBytes <= kSmemMax ? 2 : 1;
+  static constexpr int kSmemBytes = kSmemOther + kQBufs * kQBytes;
+  // Work item n's Q buffer, and how many items used that buffer before it (its mbarrier phase).
+  __device__ static int q_buf(int n) { return kQBufs == 2 ? (n & 1) : 0; }
+  __device__ static int q_use(int n) { return kQBufs == 2 ? (n >> 1) : n; }
+  static_assert(kSmemBytes <= kSmemMax, "shared memory: too many stages");
 };
 
 // One unit of work of the persistent kernel: a 128-row query block of one (sequence, head).
@@ -317,11 +328,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 
   extern __shared__ unsigned char smem_raw[];
   unsigned char* base = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  // Work item n uses Q buffer n % 2: the producer loads the next item's Q while the current one is consumed.
-  T* sQ = reinterpret_cast<T*>(base);                                // [2][kBlocksD][kBM][64]
-  T* sK = reinterpret_cast<T*>(base + 2 * Tr::kQBytes);              // [kStages][kBlocksD][kBN][64]
-  T* sV = reinterpret_cast<T*>(base + 2 * Tr::kQBytes + kStages * Tr::kKVBytes);
-  uint64_t* bars = reinterpret_cast<uint64_t*>(base + 2 * Tr::kQBytes + 2 * kStages * Tr::kKVBytes);
+  // Work item n uses Q buffer n % kQBufs: with two, the producer loads the next item's Q while the current one runs.
+  T* sQ = reinterpret_cast<T*>(base);  // [kQBufs][kBlocksD][kBM][64]
+  T* sK = reinterpret_cast<T*>(base + Tr::kQBufs * Tr::kQBytes);  // [kStages][kBlocksD][kBN][64]
+  T* sV = reinterpret_cast<T*>(base + Tr::kQBufs * Tr::kQBytes + kStages * Tr::kKVBytes);
+  uint64_t* bars = reinterpret_cast<uint64_t*>(base + Tr::kQBufs * Tr::kQBytes + 2 * kStages * Tr::kKVBytes);
   uint64_t* q_full = bars;  // [2]
   uint64_t* k_full = bars + 2;
   uint64_t* v_full = k_full + kStages;
@@ -339,12 +350,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const int first_item = blockIdx.x / splits, item_stride = gridDim.x / splits;
   uint64_t* q_empty = v_empty + kStages;  // [2]
   uint64_t* pos_empty = q_empty + 2;  // index mode: consumers are done reading a stage's key positions
-  int* sPos = reinterpret_cast<int*>(base + 2 * Tr::kQBytes + 2 * kStages * Tr::kKVBytes + 256);  // [kStages][kBN]
-  // [kStages][kBN] the second producer warpgroup's copy of the positions (read by its gathering warps)
-  int* sPosV = Tr::kProducerWGs == 2 ? sPos + kStages * kBN : sPos;
-  int* sIv = sPosV + kStages * kBN;  // [kStages][kBN] query intervals of listed keys (kv_intervals)
+  int* sPos = reinterpret_cast<int*>(base + Tr::kQBufs * Tr::kQBytes + 2 * kStages * Tr::kKVBytes + 256);  // [kStages][kBN]
+  int* sIv = sPos + kStages * kBN;  // [kStages][kBN] query intervals of listed keys (kv_intervals)
   // Split keys: [kPartialFloats][128] partial rows of the second consumer warpgroup.
-  float* sPart = reinterpret_cast<float*>(base + 2 * Tr::kQBytes + 2 * kStages * Tr::kKVBytes + 256 +
+  float* sPart = reinterpret_cast<float*>(base + Tr::kQBufs * Tr::kQBytes + 2 * kStages * Tr::kKVBytes + 256 +
                                           Tr::kPosArrays * Tr::kPosBytes);
   static_assert((2 + 5 * kStages) * 8 <= 192, "barriers must fit the first 192 of their 256 bytes");
   // Index mode: per stage and producer warp, the largest key position of the warp's 32 tile rows, or INT_MAX when
@@ -382,9 +391,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       // Role 0: Q, K and the key positions; role 1: V (second producer warpgroup); role 2: all (block runs).
       auto index_producer = [&](auto role) {
         constexpr bool do_k = decltype(role)::value != 1, do_v = decltype(role)::value != 0;
-        // Query intervals (one producer warpgroup): the kernel's own tid; with `% 128` ptxas re-reads SR_TID inside
-        // their gather loop (SASS), which made the per-query path ~9% slower.
-        const int tid = Tr::kIntervals ? threadIdx.x : threadIdx.x % 128;
+        // Thread index within the producer warpgroup, written so ptxas keeps it in a register (with `threadIdx.x %
+        // 128` it re-read SR_TID inside the gather loop, which made the per-query path ~9% slower).
+        const int tid = decltype(role)::value == 1 ? (int)threadIdx.x - 128 * (Tr::kConsumers + 1) : (int)threadIdx.x;
         const int run = p.kv_index_run > 1 ? p.kv_index_run : 1;
         int kv_iter = 0, n_items = 0;
         for (int item = first_item; item < num_items; item += item_stride) {
@@ -392,8 +401,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           if (!w.valid) continue;
           const int hk = w.h / group;
           if (do_k && tid == 0) {
-            const int qbuf = n_items & 1;
-            if (n_items >= 2) mbar_wait(&q_empty[qbuf], ((n_items >> 1) - 1) & 1);
+            const int qbuf = Tr::q_buf(n_items);
+            if (n_items >= Tr::kQBufs) mbar_wait(&q_empty[qbuf], (Tr::q_use(n_items) - 1) & 1);
             mbar_expect_tx(&q_full[qbuf], Tr::kQBytes);
             T* dQ = sQ + qbuf * (Tr::kQBytes / 2);
             for (int c = 0; c < kBlocksD; ++c)
@@ -436,9 +445,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
                 mbar_arrive(full);
               }
             };
-            // A gathered tile: each warp copies its 32 rows from the positions in `pos` (written, warp-synchronized).
-            auto gather_tile = [&](T* dst, const T* base, int64_t row_stride, uint64_t* full, const int* pos) {
-              gather_rows<kD, kBN>(dst, base, row_stride, tid / 32, tid % 32, pos);
+            // A gathered tile: each warp copies its 32 rows (their keys are its lanes' j).
+            auto gather_tile = [&](T* dst, const T* base, uint32_t row_bytes, uint64_t* full) {
+              gather_rows<kD, kBN, Tr::kGatherUnroll>(dst, base, row_bytes, tid / 32, tid % 32, j);
               cp_async_mbar_arrive(full);
               mbar_arrive(full);
             };
@@ -457,8 +466,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
               if (!Tr::kGather || tma_row >= 0) {  // block runs: every tile by TMA
                 tma_tile(dK, &tma.k, &k_full[stage]);
               } else {
-                __syncwarp();  // this warp's rows of sPos are written
-                gather_tile(dK, kbase, p.k_row_stride, &k_full[stage], sPos + stage * kBN);
+                gather_tile(dK, kbase, (uint32_t)p.k_row_stride * sizeof(T), &k_full[stage]);
               }
             }
             if constexpr (do_v) {
@@ -467,11 +475,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
               if (!Tr::kGather || tma_row >= 0) {  // block runs: every tile by TMA
                 tma_tile(dV, &tma.v, &v_full[stage]);
               } else {
-                if constexpr (!do_k) {  // the V warpgroup's own copy (one producer: K's, written above, serve V)
-                  sPosV[stage * kBN + tid] = j;  // the slot's previous gather was issued by this same warp
-                  __syncwarp();
-                }
-                gather_tile(dV, vbase, p.v_row_stride, &v_full[stage], sPosV + stage * kBN);
+                gather_tile(dV, vbase, (uint32_t)p.v_row_stride * sizeof(T), &v_full[stage]);
               }
             }
           }
@@ -491,8 +495,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         if (!w.valid) continue;
         const int hk = w.h / group;
         const int qb = p.cu_seqlens_q ? 0 : w.b, kb = p.cu_seqlens_k ? 0 : w.b;
-        const int qbuf = n_items & 1;
-        if (n_items >= 2) mbar_wait(&q_empty[qbuf], ((n_items >> 1) - 1) & 1);  // consumers done with that buffer
+        const int qbuf = Tr::q_buf(n_items);
+        // consumers done with that buffer
+        if (n_items >= Tr::kQBufs) mbar_wait(&q_empty[qbuf], (Tr::q_use(n_items) - 1) & 1);
         mbar_expect_tx(&q_full[qbuf], Tr::kQBytes);
         T* dQ = sQ + qbuf * (Tr::kQBytes / 2);
         for (int c = 0; c < kBlocksD; ++c)
@@ -676,8 +681,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     for (int i = 0; i < kD / 2; ++i) acc_o[i] = 0.f;
     row_max[0] = row_max[1] = -INFINITY;
     row_sum[0] = row_sum[1] = 0.f;
-    sQc = sQ + (n_items & 1) * (Tr::kQBytes / 2);
-    mbar_wait(&q_full[n_items & 1], (n_items >> 1) & 1);
+    sQc = sQ + (Tr::q_buf(n_items)) * (Tr::kQBytes / 2);
+    mbar_wait(&q_full[Tr::q_buf(n_items)], Tr::q_use(n_items) & 1);
     if (t_first < w.n_tiles) {
       float corr[2];
       if constexpr (Tr::kPipeline) {
@@ -706,7 +711,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           rescale_and_pack(corr);
           last = tile;
         }
-        mbar_arrive(&q_empty[n_items & 1]);  // every S GEMM of this item has completed: Q may be overwritten
+        mbar_arrive(&q_empty[Tr::q_buf(n_items)]);  // every S GEMM of this item has completed: Q may be overwritten
         gemm_turn_begin();
         issue_pv_tile(last);
         gemm_turn_end();
@@ -730,10 +735,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           fence_operands<kD / 2>(acc_o);
           mbar_arrive(&v_empty[(kv_base + tile) % kStages]);
         }
-        mbar_arrive(&q_empty[n_items & 1]);
+        mbar_arrive(&q_empty[Tr::q_buf(n_items)]);
       }
     } else {
-      mbar_arrive(&q_empty[n_items & 1]);
+      mbar_arrive(&q_empty[Tr::q_buf(n_items)]);
     }
     if constexpr (Tr::kSplitKeys) {
       // The second warpgroup hands its partial rows (same thread = same elements) to the first, which merges them
