@@ -119,24 +119,41 @@ __device__ __forceinline__ void issue_pv(float* acc_o, const uint32_t (*pa)[4], 
 }
 
 // Index-list mode: producer warp `warp` copies key rows into rows [32 warp, 32 warp + 32) of a [kBlocksD][kBN][64]
-// tile with the 128-byte swizzle TMA uses (16-byte chunk c of row r at c ^ (r % 8)). Lane l holds in `j_own` the key
-// of the warp's row l (j < 0: zeros); each step takes a row's key from its lane by shuffle (independent of the other
-// steps, no shared-memory round trip) and copies whole rows with consecutive lanes on consecutive 16-byte chunks, so
-// every request reads full 32-byte sectors. Row j starts `j * row_bytes` bytes after `base` (one 32x32->64 multiply).
+// tile with the 128-byte swizzle TMA uses (16-byte chunk c of row r at c ^ (r % 8)). Lane l holds in `off_own` where
+// the warp's row l starts, in 16-byte units after `base`, or kNoRow (zeros); each step takes a row's offset from its
+// lane by shuffle (independent of the other steps, no shared-memory round trip) and copies whole rows with consecutive
+// lanes on consecutive 16-byte chunks, so every request reads full 32-byte sectors.
+constexpr uint32_t kNoRow = 0x80000000u;
+__device__ __forceinline__ uint32_t row_offset16(int j, uint32_t row_bytes) {
+  return j >= 0 ? (uint32_t)j * (row_bytes >> 4) : kNoRow;
+}
+// 16-byte cp.async from `src0` + 16 * (off without its top bit); off's top bit set (kNoRow): zero-fill, nothing read.
+// In PTX so that the address is one 32x32->64 multiply-add and the zero fill one predicate.
+__device__ __forceinline__ void cp_async_row16(uint32_t dst, uint64_t src0, uint32_t off) {
+  asm volatile(
+      "{\n"
+      ".reg .pred skip;\n"
+      ".reg .b32 o;\n"
+      ".reg .b64 a;\n"
+      "setp.lt.s32 skip, %2, 0;\n"
+      "and.b32 o, %2, 0x7fffffff;\n"
+      "mad.wide.u32 a, o, 16, %1;\n"
+      "cp.async.cg.shared.global [%0], [a], 16, skip;\n"
+      "}\n" ::"r"(dst),
+      "l"(src0), "r"(off));
+}
 template <int kD, int kBN, int kUnroll, typename T>
-__device__ __forceinline__ void gather_rows(T* tile, const T* base, uint32_t row_bytes, int warp, int lane,
-                                            int j_own) {
+__device__ __forceinline__ void gather_rows(T* tile, const T* base, int warp, int lane, uint32_t off_own) {
   constexpr int kChunks = kD / 8, kRowsPerStep = 32 / kChunks;
   const int ch = lane % kChunks;
   const uint32_t dst0 = smem_u32(tile) + (ch / 8) * kBN * 128;
   const int r0 = lane / kChunks;  // this lane's first row within the warp's 32
-  const char* src0 = reinterpret_cast<const char*>(base + ch * 8);
+  const uint64_t src0 = reinterpret_cast<uint64_t>(base + ch * 8);
 #pragma unroll kUnroll
   for (int i = 0; i < kChunks; ++i) {
     const int rw = r0 + i * kRowsPerStep;
     const int r = warp * 32 + rw;
-    const int j = __shfl_sync(0xffffffffu, j_own, rw);
-    cp_async_16(dst0 + r * 128 + (((ch % 8) ^ (r & 7)) << 4), src0 + (uint64_t)(uint32_t)max(j, 0) * row_bytes, j >= 0 ? 16 : 0);
+    cp_async_row16(dst0 + r * 128 + (((ch % 8) ^ (r & 7)) << 4), src0, __shfl_sync(0xffffffffu, off_own, rw));
   }
 }
 
@@ -216,13 +233,14 @@ struct Sm90Traits {
   static constexpr int kPartialFloats = kD / 2 + 4;
   static constexpr int kPartialBytes = kSplitKeys ? 128 * kPartialFloats * 4 : 0;
   // Token lists have two producer warpgroups: warpgroup 0 gathers K (and loads Q), the last one gathers V, so the two
-  // operands' copies are issued in parallel (PERF_NOTES s15: one warp's cp.async chain bounds a gathered tile). Not
-  // with query intervals: their consumers need the 224 registers (at 216 they spill).
+  // operands' copies are issued in parallel (PERF_NOTES s15: one warp's cp.async chain bounds a gathered tile); each
+  // warp shuffles its rows' offsets from the lanes that own them. Not with query intervals: their consumers need the
+  // 224 registers (at 216 they spill).
   static constexpr int kProducerWGs = kGather && !kIntervals ? 2 : 1;
   static constexpr int kThreads = 128 * (kConsumers + kProducerWGs);
   // Gather loop unrolling: more independent row copies in flight per producer warp (its instruction chain is what
-  // bounds gathered tiles): 4 measured best with two producers (8 and 16 slower), 2 with one (56 registers).
-  static constexpr int kGatherUnroll = kProducerWGs == 2 ? 4 : 2;
+  // bounds gathered tiles): 8 measured best with two producers (16 spills inside the loop), 2 with one (56 registers).
+  static constexpr int kGatherUnroll = kProducerWGs == 2 ? 8 : 2;
   static constexpr int kConsumerThreads = 128 * kConsumers;
   static constexpr int kBlocksD = kD / 64;  // 64-column (128-byte) swizzle blocks per row
   static constexpr int kQBytes = kBM * kD * 2;  // one Q tile
@@ -447,7 +465,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
             };
             // A gathered tile: each warp copies its 32 rows (their keys are its lanes' j).
             auto gather_tile = [&](T* dst, const T* base, uint32_t row_bytes, uint64_t* full) {
-              gather_rows<kD, kBN, Tr::kGatherUnroll>(dst, base, row_bytes, tid / 32, tid % 32, j);
+              gather_rows<kD, kBN, Tr::kGatherUnroll>(dst, base, tid / 32, tid % 32, row_offset16(j, row_bytes));
               cp_async_mbar_arrive(full);
               mbar_arrive(full);
             };
