@@ -259,14 +259,13 @@ struct Sm90Traits {
   // (Every KB counts: past 196 KB of shared memory the L1 carve-out drops from ~60 KB to ~28 KB.)
   static constexpr int kPosArrays = 1 + (kIntervals ? 1 : 0);
   static constexpr int kSmemMax = 232448;  // 227 KB: the most dynamic shared memory one CTA may use
-  // Two Q buffers (work item n uses n % 2, so the next item's Q loads early) where they fit, else one.
-  static constexpr int kSmemOther = 1024 /*alignment slack*/ + 2 * kStages * kKVBytes + 256 /*barriers*/ +
-                                    kPosArrays * kPosBytes /*positions, intervals*/ + kPartialBytes;
-  static constexpr int kQBufs = kSmemOther + 2 * kQBytes <= kSmemMax ? 2 : 1;
-  static constexpr int kSmemBytes = kSmemOther + kQBufs * kQBytes;
+  // Two Q buffers: work item n uses n % 2, so the next item's Q loads while the current one runs.
+  static constexpr int kQBufs = 2;
+  static constexpr int kSmemBytes = 1024 /*alignment slack*/ + kQBufs * kQBytes + 2 * kStages * kKVBytes +
+                                    256 /*barriers*/ + kPosArrays * kPosBytes /*positions, intervals*/ + kPartialBytes;
   // Work item n's Q buffer, and how many items used that buffer before it (its mbarrier phase).
-  __device__ static int q_buf(int n) { return kQBufs == 2 ? (n & 1) : 0; }
-  __device__ static int q_use(int n) { return kQBufs == 2 ? (n >> 1) : n; }
+  __device__ static int q_buf(int n) { return n & 1; }
+  __device__ static int q_use(int n) { return n >> 1; }
   static_assert(kSmemBytes <= kSmemMax, "shared memory: too many stages");
 };
 
@@ -346,7 +345,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 
   extern __shared__ unsigned char smem_raw[];
   unsigned char* base = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  // Work item n uses Q buffer n % kQBufs: with two, the producer loads the next item's Q while the current one runs.
+  // Work item n uses Q buffer n % 2: the producer loads the next item's Q while the current one is consumed.
   T* sQ = reinterpret_cast<T*>(base);  // [kQBufs][kBlocksD][kBM][64]
   T* sK = reinterpret_cast<T*>(base + Tr::kQBufs * Tr::kQBytes);  // [kStages][kBlocksD][kBN][64]
   T* sV = reinterpret_cast<T*>(base + Tr::kQBufs * Tr::kQBytes + kStages * Tr::kKVBytes);
