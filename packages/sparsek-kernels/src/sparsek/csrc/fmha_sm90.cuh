@@ -142,6 +142,9 @@ __device__ __forceinline__ void cp_async_row16(uint32_t dst, uint64_t src0, uint
       "}\n" ::"r"(dst),
       "l"(src0), "r"(off));
 }
+__device__ __forceinline__ void st_shared_b32(uint32_t addr, int v) {
+  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
 template <int kD, int kBN, int kUnroll, typename T>
 __device__ __forceinline__ void gather_rows(T* tile, const T* base, int warp, int lane, uint32_t off_own) {
   constexpr int kChunks = kD / 8, kRowsPerStep = 32 / kChunks;
@@ -411,7 +414,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         // Thread index within the producer warpgroup, written so ptxas keeps it in a register (with `threadIdx.x %
         // 128` it re-read SR_TID inside the gather loop, which made the per-query path ~9% slower).
         const int tid = decltype(role)::value == 1 ? (int)threadIdx.x - 128 * (Tr::kConsumers + 1) : (int)threadIdx.x;
-        const int run = p.kv_index_run > 1 ? p.kv_index_run : 1;
+        // Token-list kernels never see runs (those go to the block-runs kernel), so their tile loop drops that path.
+        const int run = Tr::kGather && !Tr::kIntervals ? 1 : (p.kv_index_run > 1 ? p.kv_index_run : 1);
+        // Shared-memory addresses (32-bit): generic stores made ptxas rebuild the shared window's base every tile.
+        const uint32_t pos_u32 = smem_u32(sPos), tile_max_u32 = smem_u32(sTileMax);
         int kv_iter = 0, n_items = 0;
         for (int item = first_item; item < num_items; item += item_stride) {
           const WorkTile w = work_tile<kBM, kBN>(p, item, num_m);
@@ -474,10 +480,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
                 mbar_wait(&k_empty[stage], empty_phase);
                 mbar_wait(&pos_empty[stage], empty_phase);
               }
-              sPos[stage * kBN + tid] = j;  // published by the K barrier's (release) arrivals
+              st_shared_b32(pos_u32 + (stage * kBN + tid) * 4, j);  // published by the K barrier's (release) arrivals
               {
                 const int wmax = __reduce_max_sync(0xffffffffu, j), wmin = __reduce_min_sync(0xffffffffu, j);
-                if ((tid & 31) == 0) sTileMax[stage * 4 + tid / 32] = wmin < 0 ? INT_MAX : wmax;
+                if ((tid & 31) == 0) st_shared_b32(tile_max_u32 + (stage * 4 + tid / 32) * 4, wmin < 0 ? INT_MAX : wmax);
               }
               if constexpr (Tr::kIntervals) sIv[stage * kBN + tid] = iv;
               if (!Tr::kGather || tma_row >= 0) {  // block runs: every tile by TMA
