@@ -258,11 +258,13 @@ static bool dispatch_sm90(const SkFmhaParams& p, cudaStream_t stream, cudaError_
   if (p.kv_indices) {
     // Index lists: one list per 128-row query tile, runs of whole 128-key tiles, dense (not varlen) inputs.
     if (p.index_block_q != 128 || (p.kv_index_run > 1 && p.kv_index_run % 128 != 0) || p.cu_seqlens_q) return false;
-    // Gathered rows are addressed by 31-bit offsets in 16-byte units from the (batch, head) base.
+    // Gathered rows (lists of single keys, not runs) are addressed by 31-bit offsets in 16-byte units from the
+    // (batch, head) base, with 32-bit byte row strides.
     const int64_t max_row = p.seqlen_k > 0 ? p.seqlen_k - 1 : 0;
-    if (p.k_row_stride >= (int64_t(1) << 31) || p.v_row_stride >= (int64_t(1) << 31) ||
-        max_row * p.k_row_stride * 2 / 16 >= (int64_t(1) << 31) || max_row * p.v_row_stride * 2 / 16 >= (int64_t(1) << 31))
-      return false;
+    auto gather_fits = [&](int64_t row_stride) {
+      return row_stride < (int64_t(1) << 31) && max_row * row_stride * 2 / 16 < (int64_t(1) << 31);
+    };
+    if (p.kv_index_run <= 1 && !(gather_fits(p.k_row_stride) && gather_fits(p.v_row_stride))) return false;
     if (p.kv_intervals) {
       switch (p.head_dim) {
         case 64: return try_launch_sm90<64, 128, 4, T, 3, true, 2, true, false, true>(p, stream, err);

@@ -246,7 +246,7 @@ struct Sm90Traits {
   static constexpr int kGatherUnroll = kProducerWGs == 2 ? 8 : 2;
   static constexpr int kConsumerThreads = 128 * kConsumers;
   static constexpr int kBlocksD = kD / 64;  // 64-column (128-byte) swizzle blocks per row
-  static constexpr int kQBytes = kBM * kD * 2;  // one Q tile
+  static constexpr int kQBytes = kBM * kD * 2;  // one Q tile; two are kept so the next work item's Q loads early
   static constexpr int kKVBytes = kBN * kD * 2;  // one K (or V) tile
   // Register split (setmaxnreg): the CTA starts with kLaunchRegs per thread and setmaxnreg.inc only takes what .dec
   // released, so the split must not exceed them (it hangs otherwise). Token lists: 2*128*40 + 256*216 = 512*128;
@@ -262,13 +262,8 @@ struct Sm90Traits {
   // (Every KB counts: past 196 KB of shared memory the L1 carve-out drops from ~60 KB to ~28 KB.)
   static constexpr int kPosArrays = 1 + (kIntervals ? 1 : 0);
   static constexpr int kSmemMax = 232448;  // 227 KB: the most dynamic shared memory one CTA may use
-  // Two Q buffers: work item n uses n % 2, so the next item's Q loads while the current one runs.
-  static constexpr int kQBufs = 2;
-  static constexpr int kSmemBytes = 1024 /*alignment slack*/ + kQBufs * kQBytes + 2 * kStages * kKVBytes +
+  static constexpr int kSmemBytes = 1024 /*alignment slack*/ + 2 * kQBytes + 2 * kStages * kKVBytes +
                                     256 /*barriers*/ + kPosArrays * kPosBytes /*positions, intervals*/ + kPartialBytes;
-  // Work item n's Q buffer, and how many items used that buffer before it (its mbarrier phase).
-  __device__ static int q_buf(int n) { return n & 1; }
-  __device__ static int q_use(int n) { return n >> 1; }
   static_assert(kSmemBytes <= kSmemMax, "shared memory: too many stages");
 };
 
@@ -349,10 +344,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   extern __shared__ unsigned char smem_raw[];
   unsigned char* base = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   // Work item n uses Q buffer n % 2: the producer loads the next item's Q while the current one is consumed.
-  T* sQ = reinterpret_cast<T*>(base);  // [kQBufs][kBlocksD][kBM][64]
-  T* sK = reinterpret_cast<T*>(base + Tr::kQBufs * Tr::kQBytes);  // [kStages][kBlocksD][kBN][64]
-  T* sV = reinterpret_cast<T*>(base + Tr::kQBufs * Tr::kQBytes + kStages * Tr::kKVBytes);
-  uint64_t* bars = reinterpret_cast<uint64_t*>(base + Tr::kQBufs * Tr::kQBytes + 2 * kStages * Tr::kKVBytes);
+  T* sQ = reinterpret_cast<T*>(base);                                // [2][kBlocksD][kBM][64]
+  T* sK = reinterpret_cast<T*>(base + 2 * Tr::kQBytes);              // [kStages][kBlocksD][kBN][64]
+  T* sV = reinterpret_cast<T*>(base + 2 * Tr::kQBytes + kStages * Tr::kKVBytes);
+  uint64_t* bars = reinterpret_cast<uint64_t*>(base + 2 * Tr::kQBytes + 2 * kStages * Tr::kKVBytes);
   uint64_t* q_full = bars;  // [2]
   uint64_t* k_full = bars + 2;
   uint64_t* v_full = k_full + kStages;
@@ -370,10 +365,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const int first_item = blockIdx.x / splits, item_stride = gridDim.x / splits;
   uint64_t* q_empty = v_empty + kStages;  // [2]
   uint64_t* pos_empty = q_empty + 2;  // index mode: consumers are done reading a stage's key positions
-  int* sPos = reinterpret_cast<int*>(base + Tr::kQBufs * Tr::kQBytes + 2 * kStages * Tr::kKVBytes + 256);  // [kStages][kBN]
+  int* sPos = reinterpret_cast<int*>(base + 2 * Tr::kQBytes + 2 * kStages * Tr::kKVBytes + 256);  // [kStages][kBN]
   int* sIv = sPos + kStages * kBN;  // [kStages][kBN] query intervals of listed keys (kv_intervals)
   // Split keys: [kPartialFloats][128] partial rows of the second consumer warpgroup.
-  float* sPart = reinterpret_cast<float*>(base + Tr::kQBufs * Tr::kQBytes + 2 * kStages * Tr::kKVBytes + 256 +
+  float* sPart = reinterpret_cast<float*>(base + 2 * Tr::kQBytes + 2 * kStages * Tr::kKVBytes + 256 +
                                           Tr::kPosArrays * Tr::kPosBytes);
   static_assert((2 + 5 * kStages) * 8 <= 192, "barriers must fit the first 192 of their 256 bytes");
   // Index mode: per stage and producer warp, the largest key position of the warp's 32 tile rows, or INT_MAX when
@@ -424,8 +419,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           if (!w.valid) continue;
           const int hk = w.h / group;
           if (do_k && tid == 0) {
-            const int qbuf = Tr::q_buf(n_items);
-            if (n_items >= Tr::kQBufs) mbar_wait(&q_empty[qbuf], (Tr::q_use(n_items) - 1) & 1);
+            const int qbuf = n_items & 1;
+            if (n_items >= 2) mbar_wait(&q_empty[qbuf], ((n_items >> 1) - 1) & 1);
             mbar_expect_tx(&q_full[qbuf], Tr::kQBytes);
             T* dQ = sQ + qbuf * (Tr::kQBytes / 2);
             for (int c = 0; c < kBlocksD; ++c)
@@ -518,9 +513,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         if (!w.valid) continue;
         const int hk = w.h / group;
         const int qb = p.cu_seqlens_q ? 0 : w.b, kb = p.cu_seqlens_k ? 0 : w.b;
-        const int qbuf = Tr::q_buf(n_items);
-        // consumers done with that buffer
-        if (n_items >= Tr::kQBufs) mbar_wait(&q_empty[qbuf], (Tr::q_use(n_items) - 1) & 1);
+        const int qbuf = n_items & 1;
+        if (n_items >= 2) mbar_wait(&q_empty[qbuf], ((n_items >> 1) - 1) & 1);  // consumers done with that buffer
         mbar_expect_tx(&q_full[qbuf], Tr::kQBytes);
         T* dQ = sQ + qbuf * (Tr::kQBytes / 2);
         for (int c = 0; c < kBlocksD; ++c)
@@ -704,8 +698,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     for (int i = 0; i < kD / 2; ++i) acc_o[i] = 0.f;
     row_max[0] = row_max[1] = -INFINITY;
     row_sum[0] = row_sum[1] = 0.f;
-    sQc = sQ + (Tr::q_buf(n_items)) * (Tr::kQBytes / 2);
-    mbar_wait(&q_full[Tr::q_buf(n_items)], Tr::q_use(n_items) & 1);
+    sQc = sQ + (n_items & 1) * (Tr::kQBytes / 2);
+    mbar_wait(&q_full[n_items & 1], (n_items >> 1) & 1);
     if (t_first < w.n_tiles) {
       float corr[2];
       if constexpr (Tr::kPipeline) {
@@ -734,7 +728,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           rescale_and_pack(corr);
           last = tile;
         }
-        mbar_arrive(&q_empty[Tr::q_buf(n_items)]);  // every S GEMM of this item has completed: Q may be overwritten
+        mbar_arrive(&q_empty[n_items & 1]);  // every S GEMM of this item has completed: Q may be overwritten
         gemm_turn_begin();
         issue_pv_tile(last);
         gemm_turn_end();
@@ -758,10 +752,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           fence_operands<kD / 2>(acc_o);
           mbar_arrive(&v_empty[(kv_base + tile) % kStages]);
         }
-        mbar_arrive(&q_empty[Tr::q_buf(n_items)]);
+        mbar_arrive(&q_empty[n_items & 1]);
       }
     } else {
-      mbar_arrive(&q_empty[Tr::q_buf(n_items)]);
+      mbar_arrive(&q_empty[n_items & 1]);
     }
     if constexpr (Tr::kSplitKeys) {
       // The second warpgroup hands its partial rows (same thread = same elements) to the first, which merges them
