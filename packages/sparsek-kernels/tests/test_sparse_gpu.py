@@ -70,6 +70,36 @@ def test_select_kernel_exact(sq, sk, k, window, bs, perq, ties):
     assert torch.equal(idx.cpu(), ref)
 
 
+@pytest.mark.parametrize(
+    "kind,shape,k,window,bs",
+    [
+        ("zeros", (2, 2, 3001), 300, 0, 64),  # one bin through every radix pass: ties by position only
+        ("signed_zeros", (1, 4, 32768), 2048, 512, 128),  # -0.0 and +0.0 tie
+        ("misaligned", (1, 2, 5001), 2048, 512, 128),  # score rows not 16-byte aligned
+        ("misaligned", (1, 2, 7, 3003), 100, 0, None),
+        ("few", (1, 2, 300), 1000, 0, 64),  # every prefix shorter than k
+        ("long", (1, 1, 70000), 4000, 0, 128),  # chunks of many rows answered by different warps
+        ("perq_long", (1, 2, 9000), 2048, 16, None),  # one row per query: 64 rows per pool
+    ],
+)
+def test_select_kernel_exact_edge_cases(kind, shape, k, window, bs):
+    gen = torch.Generator(device=DEV).manual_seed(len(kind) + k)
+    full = (*shape[:-1], shape[-1] + 1) if kind == "misaligned" else shape
+    scores = torch.randn(full, device=DEV, generator=gen)
+    if kind == "misaligned":
+        scores = scores[..., 1:]
+    elif kind == "zeros":
+        scores = torch.zeros_like(scores)
+    elif kind == "signed_zeros":
+        scores = torch.where(scores.mul(2).round() >= 0, 0.0, -0.0)
+    sk = shape[-1]
+    sq = shape[2] if len(shape) == 4 else sk
+    _poison_cache(((2 * 4 * max(sq, 1) * k,), torch.float32))
+    idx = sparse.sparsek_select(scores, k, window=window, block_size=bs, seqlen_q=sq)
+    ref = R.sparsek_select_ref(scores.cpu(), k, window=window, block_size=bs, seqlen_q=sq)
+    assert torch.equal(idx.cpu(), ref)
+
+
 def test_select_noncausal_and_bf16_scores():
     u = torch.randn(1, 2, 5000, device=DEV).bfloat16()
     idx = sparse.sparsek_select(u, 100, causal=False, seqlen_q=37)

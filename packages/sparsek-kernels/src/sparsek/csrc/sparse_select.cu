@@ -6,17 +6,36 @@
 // contained in topk([0, L0)) + [L0, L). One CTA handles a chunk of consecutive rows: it selects once over the
 // global prefix [0, L0) into a shared-memory pool, appends the chunk's new keys, and answers every row of the
 // chunk from the pool (about k + rows*step elements instead of L).
+//
+// The select is three histogram passes at most (11, 11 and 10 bits of the order key, 2048 bins: the first pass
+// spreads typical scores over many bins, so few threads of a warp hit the same counter) and one compaction pass.
+// Each warp handles 256 elements per round (8 coalesced loads per thread, the next round's issued before this
+// round's work); the compaction ranks the kept elements with warp ballots and one barrier per round, so consecutive
+// lanes store to consecutive output slots.
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <atomic>
+#include <climits>
+#include <cstdlib>
 #include <cub/block/block_scan.cuh>
 
+#include "device_info.cuh"
 #include "sparse_abi.h"
 
 namespace sk_sparse {
 
 constexpr int kThreads = 256;
-constexpr uint32_t kNegInfKey = 0x007FFFFFu;  // order_key(-inf)
+constexpr int kItems = 8;                         // elements per thread and round
+constexpr int kWarps = kThreads / 32;
+constexpr int kWarpSpan = 32 * kItems;            // elements per warp and round
+constexpr int kTile = kThreads * kItems;          // elements per round
+constexpr int kDigitBits = 11;
+constexpr int kBins = 1 << kDigitBits;
+constexpr int kBinsPerThread = kBins / kThreads;  // bins each thread scans when locating the pivot bin
+static_assert(kThreads / 32 * 256 <= kBins, "the warps' 256-bin histograms share the block histogram");
+constexpr uint32_t kDigitMask = kBins - 1;
+constexpr uint32_t kNegInfKey = 0x007FFFFFu;  // order_key(-inf); keys <= this are never selected
 constexpr int kMaxPoolBytes = 64 * 1024;
 
 // Monotone map float -> uint32 (larger score, larger key). -0.0 is folded onto +0.0 first: the two compare equal as
@@ -28,24 +47,53 @@ __device__ __forceinline__ uint32_t order_key(float f) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-using BlockScan = cub::BlockScan<uint32_t, kThreads>;
-
-struct SelectSmem {
-  int hist[256];
-  int digit, need, bin, take_all;
-  typename BlockScan::TempStorage scan;
+// The keys a select sees, as offsets from `base`: every valid key lies in [base, base + 2^bits). Pass p's digit is
+// bits [first_shift - 11p, first_shift - 11p + 11) of key - base (the last pass's shift is clamped to 0; its digit
+// then overlaps bits the previous pass fixed, which only narrows the bins in use). Scores of any sign span all 32
+// bits: digits 31..21, 20..10, 9..0. A pool of keys at or above a known threshold spans far fewer, so its first
+// digit splits the actual range into 2048 bins instead of crowding it into the few bins of its sign and exponent.
+struct KeyRange {
+  uint32_t base = 0;
+  int first_shift = 32 - kDigitBits;
 };
 
+__device__ __forceinline__ KeyRange key_range(uint32_t lo, uint32_t hi, int digit_bits) {
+  const int bits = hi > lo ? 32 - __clz(hi - lo) : 0;
+  return KeyRange{lo, max(bits - digit_bits, 0)};
+}
+
+using CountScan = cub::BlockScan<int, kThreads>;
+
+struct SelectSmem {
+  int hist[kBins];
+  int digit, need, bin;
+  uint32_t lo, hi;                      // pool key range
+  uint32_t warp_counts[2][kWarps];      // per-round warp totals of the compaction (double buffered)
+  typename CountScan::TempStorage count_scan;
+};
+
+// Element layout of a round of kTile elements starting at t0: warp w covers [t0 + w*kWarpSpan, +kWarpSpan), lane l
+// holds items t0 + w*kWarpSpan + 32*i + l. Each item's load is one coalesced line per warp, and the selected items
+// of one (warp, i) go to consecutive output slots, so the stores of a round are coalesced too.
+__device__ __forceinline__ int lane_first() { return (threadIdx.x >> 5) * kWarpSpan + (threadIdx.x & 31); }
+
+// Order keys of items e, e + 32, ..., e + 32 * (kItems - 1) of a row of n; 0 (never selected) beyond n.
 struct GlobalSrc {
   const float* row;
-  __device__ __forceinline__ uint32_t key(int e) const { return order_key(__ldg(row + e)); }
+  __device__ __forceinline__ void load(int e, int n, uint32_t (&key)[kItems]) const {
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) key[i] = e + 32 * i < n ? order_key(__ldg(row + e + 32 * i)) : 0u;
+  }
   __device__ __forceinline__ int pos(int e) const { return e; }
 };
 
 struct PoolSrc {
   const uint32_t* keys;
   const int* positions;
-  __device__ __forceinline__ uint32_t key(int e) const { return keys[e]; }
+  __device__ __forceinline__ void load(int e, int n, uint32_t (&key)[kItems]) const {
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) key[i] = e + 32 * i < n ? keys[e + 32 * i] : 0u;
+  }
   __device__ __forceinline__ int pos(int e) const { return positions[e]; }
 };
 
@@ -63,88 +111,228 @@ struct PoolSink {
   }
 };
 
+// One round of an ordered compaction: items with `take` bits (per item i, a warp ballot) go to slots base + their
+// rank among the round's taken items, items with `cand` bits too while fewer than cand_avail candidates precede them
+// (in source order) in the whole compaction; cand_before counts the candidates of earlier rounds. Returns the
+// round's (taken << 16 | candidates) total; one barrier (warp totals double buffered by round parity).
+template <class Src, class Sink>
+__device__ __forceinline__ uint32_t compact_round(const Src& src, const Sink& sink, int e, const uint32_t (&key)[kItems],
+                                                  const unsigned (&take)[kItems], const unsigned (&cand)[kItems],
+                                                  int base, int cand_avail, int parity, SelectSmem& sm) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const unsigned below = (1u << lane) - 1u;
+  uint32_t mine = 0;
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) mine += (static_cast<uint32_t>(__popc(take[i])) << 16) + __popc(cand[i]);
+  if (lane == 0) sm.warp_counts[parity][warp] = mine;
+  __syncthreads();
+  uint32_t before = 0, total = 0;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    const uint32_t c = sm.warp_counts[parity][w];
+    before += w < warp ? c : 0u;
+    total += c;
+  }
+  int take_run = static_cast<int>(before >> 16), cand_run = static_cast<int>(before & 0xFFFFu);
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const int t = take_run + __popc(take[i] & below), c = cand_run + __popc(cand[i] & below);
+    const bool is_take = (take[i] >> lane) & 1u, is_cand = (cand[i] >> lane) & 1u;
+    if (is_take || (is_cand && c < cand_avail))
+      sink.put(base + t + min(c, cand_avail), src.pos(e + 32 * i), key[i]);
+    take_run += __popc(take[i]);
+    cand_run += __popc(cand[i]);
+  }
+  return total;
+}
+
 // Selects the best min(k, #valid) of src[0, n) and writes them through sink in source order (slots 0..count-1).
 // Every thread of the CTA must call it; returns the count (uniform).
 template <class Src, class Sink>
-__device__ int block_topk(const Src& src, int n, int k, const Sink& sink, SelectSmem& sm) {
+__device__ int block_topk(const Src& src, int n, int k, const Sink& sink, SelectSmem& sm, KeyRange range = {}) {
   const int tid = threadIdx.x;
+  const int first = lane_first();
   uint32_t prefix = 0, mask = 0;
   int need = k;
   bool take_all = false;
-  for (int shift = 24; shift >= 0; shift -= 8) {
-    for (int i = tid; i < 256; i += kThreads) sm.hist[i] = 0;
+  int valid_total = 0;
+  uint32_t key[kItems], next[kItems];
+  for (int pass = 0, shift = range.first_shift;; ++pass, shift = max(shift - kDigitBits, 0)) {
+    int4* hist4 = reinterpret_cast<int4*>(sm.hist);
+    for (int i = tid; i < kBins / 4; i += kThreads) hist4[i] = make_int4(0, 0, 0, 0);
     __syncthreads();
-    for (int e = tid; e < n; e += kThreads) {
-      const uint32_t key = src.key(e);
-      if (key > kNegInfKey && (key & mask) == prefix) atomicAdd(&sm.hist[(key >> shift) & 255u], 1);
+    src.load(first, n, key);
+    for (int t0 = 0; t0 < n; t0 += kTile) {
+      src.load(t0 + kTile + first, n, next);
+#pragma unroll
+      for (int i = 0; i < kItems; ++i)
+        if (key[i] > kNegInfKey && ((key[i] - range.base) & mask) == prefix)
+          atomicAdd(&sm.hist[((key[i] - range.base) >> shift) & kDigitMask], 1);
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) key[i] = next[i];
     }
     __syncthreads();
-    if (tid < 32) {  // warp 0 finds the bin holding the need-th best element, scanning from the top bin down
-      const int lane = tid;
-      const int top = 255 - lane * 8;
-      int h[8];
-      int s = 0;
+    // Locate the bin holding the need-th best element: thread t owns bins top, top-1, ..., top-7 (best first).
+    const int top = kBins - 1 - tid * kBinsPerThread;
+    int h[kBinsPerThread];
+    int s = 0;
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        h[j] = sm.hist[top - j];
-        s += h[j];
-      }
-      int incl = s;
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int t = __shfl_up_sync(0xffffffffu, incl, o);
-        if (lane >= o) incl += t;
-      }
-      const int excl = incl - s;
-      const bool crosses = excl < need && incl >= need;
-      const unsigned ballot = __ballot_sync(0xffffffffu, crosses);
-      if (ballot == 0u) {
-        if (lane == 0) sm.take_all = 1;
-      } else if (crosses) {
-        int cum = excl;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          if (cum + h[j] >= need) {
-            sm.digit = top - j;
-            sm.need = need - cum;
-            sm.bin = h[j];
-            sm.take_all = 0;
-            break;
-          }
-          cum += h[j];
-        }
-      }
+    for (int j = 0; j < kBinsPerThread; ++j) {
+      h[j] = sm.hist[top - j];
+      s += h[j];
     }
-    __syncthreads();
-    if (sm.take_all) {  // fewer valid elements than needed (first pass only): take them all
+    int incl, total;
+    CountScan(sm.count_scan).InclusiveSum(s, incl, total);
+    if (pass == 0) valid_total = total;
+    if (total < need) {  // fewer valid elements than k (first pass only): take them all
       take_all = true;
       break;
     }
-    prefix |= static_cast<uint32_t>(sm.digit) << shift;
-    mask |= 0xFFu << shift;
-    need = sm.need;
-    const bool done = sm.bin == need;  // every element of the bin is taken: no need to refine further
+    const int excl = incl - s;
+    if (excl < need && incl >= need) {
+      int cum = excl;
+#pragma unroll
+      for (int j = 0; j < kBinsPerThread; ++j) {
+        if (cum < need && cum + h[j] >= need) {
+          sm.digit = top - j;
+          sm.need = need - cum;
+          sm.bin = h[j];
+        }
+        cum += h[j];
+      }
+    }
     __syncthreads();
-    if (done) break;
+    prefix |= static_cast<uint32_t>(sm.digit) << shift;
+    mask |= kDigitMask << shift;
+    need = sm.need;
+    if (sm.bin == need || shift == 0) break;  // every element of the bin is taken, or no bits left to refine
   }
 
-  int out_base = 0, eq_base = 0;
-  for (int t0 = 0; t0 < n; t0 += kThreads) {
-    const int e = t0 + tid;
-    const uint32_t key = e < n ? src.key(e) : 0u;
-    const bool valid = e < n && key > kNegInfKey;
-    const bool gt = valid && (take_all || (key & mask) > prefix);
-    const bool eq = valid && !take_all && (key & mask) == prefix;
-    const uint32_t packed = (static_cast<uint32_t>(gt) << 16) | static_cast<uint32_t>(eq);
-    uint32_t excl, agg;
-    BlockScan(sm.scan).ExclusiveSum(packed, excl, agg);
+  // Ordered compaction: elements above the pivot prefix, and the first `need` (by position) equal to it.
+  const int count = take_all ? valid_total : k;
+  int out_base = 0, eq_base = 0, parity = 0;
+  src.load(first, n, key);
+  for (int t0 = 0; t0 < n && out_base < count; t0 += kTile, parity ^= 1) {
+    src.load(t0 + kTile + first, n, next);
+    unsigned gt[kItems], eq[kItems];
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const bool valid = key[i] > kNegInfKey;
+      const uint32_t rel = (key[i] - range.base) & mask;
+      gt[i] = __ballot_sync(0xffffffffu, valid && (take_all || rel > prefix));
+      eq[i] = __ballot_sync(0xffffffffu, valid && !take_all && rel == prefix);
+    }
     const int eq_avail = max(need - eq_base, 0);
-    const int gt_before = static_cast<int>(excl >> 16), eq_before = static_cast<int>(excl & 0xFFFFu);
-    if (gt || (eq && eq_before < eq_avail)) sink.put(out_base + gt_before + min(eq_before, eq_avail), src.pos(e), key);
+    const uint32_t agg = compact_round(src, sink, t0 + first, key, gt, eq, out_base, eq_avail, parity, sm);
     out_base += static_cast<int>(agg >> 16) + min(static_cast<int>(agg & 0xFFFFu), eq_avail);
     eq_base += static_cast<int>(agg & 0xFFFFu);
-    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) key[i] = next[i];
   }
+  __syncthreads();
+  return out_base;
+}
+
+// One warp's select of the best min(k, #valid) pool entries [0, n) into out (positions ascending, -1 padded to k):
+// the same order and result as block_topk, with 8-bit digits of key - range.base and a private 256-bin histogram,
+// and only warp-level synchronization, so the CTA's warps answer different rows at once. Returns the count.
+__device__ int warp_topk(const PoolSrc& src, int n, int k, int32_t* __restrict__ out, int* hist, KeyRange range) {
+  constexpr int kWarpBins = 256, kPerLane = kWarpBins / 32;
+  const int lane = threadIdx.x & 31;
+  const unsigned below = (1u << lane) - 1u;
+  uint32_t prefix = 0, mask = 0;
+  int need = k, valid_total = 0;
+  bool take_all = false;
+  for (int pass = 0, shift = range.first_shift;; ++pass, shift = max(shift - 8, 0)) {
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) hist[lane + 32 * j] = 0;
+    __syncwarp();
+    for (int e = lane; e < n; e += 32) {
+      const uint32_t rel = src.keys[e] - range.base;
+      if ((rel & mask) == prefix) atomicAdd(&hist[(rel >> shift) & 0xFFu], 1);
+    }
+    __syncwarp();
+    const int top = kWarpBins - 1 - lane * kPerLane;  // lane owns bins top .. top-7 (best first)
+    int h[kPerLane], sum = 0;
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) sum += (h[j] = hist[top - j]);
+    int incl = sum;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int t = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += t;
+    }
+    const int total = __shfl_sync(0xffffffffu, incl, 31);
+    if (pass == 0) valid_total = total;
+    if (total < need) {  // fewer entries than k (first pass only): take them all
+      take_all = true;
+      break;
+    }
+    const int excl = incl - sum;
+    int digit = 0, rest = 0, bin = 0;
+    if (excl < need && incl >= need) {
+      int cum = excl;
+#pragma unroll
+      for (int j = 0; j < kPerLane; ++j) {
+        if (cum < need && cum + h[j] >= need) digit = top - j, rest = need - cum, bin = h[j];
+        cum += h[j];
+      }
+    }
+    const int src_lane = __ffs(__ballot_sync(0xffffffffu, excl < need && incl >= need)) - 1;
+    digit = __shfl_sync(0xffffffffu, digit, src_lane);
+    need = __shfl_sync(0xffffffffu, rest, src_lane);
+    bin = __shfl_sync(0xffffffffu, bin, src_lane);
+    prefix |= static_cast<uint32_t>(digit) << shift;
+    mask |= 0xFFu << shift;
+    __syncwarp();  // the histogram is cleared again next pass
+    if (bin == need || shift == 0) break;
+  }
+  const int count = take_all ? valid_total : k;
+  int out_base = 0, eq_seen = 0;
+  for (int e0 = 0; e0 < n && out_base < count; e0 += 32) {
+    const int e = e0 + lane;
+    const uint32_t rel = e < n ? ((src.keys[e] - range.base) & mask) : 0u;
+    const bool in = e < n;
+    const unsigned gt = __ballot_sync(0xffffffffu, in && (take_all || rel > prefix));
+    const unsigned eq = __ballot_sync(0xffffffffu, in && !take_all && rel == prefix);
+    const int eq_avail = max(need - eq_seen, 0);
+    const int c = __popc(eq & below);
+    if (((gt >> lane) & 1u) || (((eq >> lane) & 1u) && c < eq_avail))
+      out[out_base + __popc(gt & below) + min(c, eq_avail)] = src.positions[e];
+    out_base += __popc(gt) + min(__popc(eq), eq_avail);
+    eq_seen += __popc(eq);
+  }
+  for (int s = count + lane; s < k; s += 32) out[s] = -1;
+  return count;
+}
+
+// Appends the keys of src[0, n) (positions first_pos + e) above `keep_above` through sink in order and folds their
+// range into sm.lo / sm.hi; returns how many (uniform). Every thread of the CTA must call it.
+template <class Src, class Sink>
+__device__ int append_new_keys(const Src& src, int n, int first_pos, uint32_t keep_above, const Sink& sink,
+                               SelectSmem& sm) {
+  struct Shifted {  // positions first_pos + e
+    const Src& src;
+    int first_pos;
+    __device__ __forceinline__ int pos(int e) const { return first_pos + e; }
+  } shifted{src, first_pos};
+  const int first = lane_first();
+  uint32_t lo = 0xFFFFFFFFu, hi = 0u;
+  int out_base = 0, parity = 0;
+  for (int t0 = 0; t0 < n; t0 += kTile, parity ^= 1) {
+    uint32_t key[kItems];
+    src.load(t0 + first, n, key);
+    unsigned take[kItems], none[kItems];
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const bool keep = key[i] > keep_above;
+      take[i] = __ballot_sync(0xffffffffu, keep);
+      none[i] = 0u;
+      if (keep) lo = min(lo, key[i]), hi = max(hi, key[i]);
+    }
+    out_base += static_cast<int>(compact_round(shifted, sink, t0 + first, key, take, none, out_base, 0, parity, sm) >> 16);
+  }
+  if (lo <= hi) atomicMin(&sm.lo, lo), atomicMax(&sm.hi, hi);
   __syncthreads();
   return out_base;
 }
@@ -177,29 +365,84 @@ __global__ void __launch_bounds__(kThreads) topk_select_kernel(const float* __re
   if constexpr (kPool) {
     const int l0 = row_limit(r0, off, step, sk);
     const int l1 = row_limit(r1 - 1, off, step, sk);
-    const int cap = k + (l1 - l0);
+    const int cap = (k + (l1 - l0) + 3) & ~3;  // keeps the positions 16-byte aligned
     uint32_t* pool_keys = reinterpret_cast<uint32_t*>(pool_raw);
     int* pool_pos = reinterpret_cast<int*>(pool_keys + cap);
     const int n0 = block_topk(GlobalSrc{base}, l0, k, PoolSink{pool_keys, pool_pos}, sm);
-    for (int e = threadIdx.x; e < l1 - l0; e += kThreads) {
-      pool_keys[n0 + e] = order_key(__ldg(base + l0 + e));
-      pool_pos[n0 + e] = l0 + e;
-    }
+    // Thresholds only rise along the rows, so a new key no better than the k-th best of [0, l0) is never selected:
+    // the pool keeps the new keys above it (all valid new keys while [0, l0) has fewer than k).
+    if (threadIdx.x == 0) sm.lo = 0xFFFFFFFFu, sm.hi = 0u;
     __syncthreads();
+    uint32_t lo = 0xFFFFFFFFu, hi = 0u;
+    for (int e = threadIdx.x; e < n0; e += kThreads) lo = min(lo, pool_keys[e]), hi = max(hi, pool_keys[e]);
+    if (n0 > 0) atomicMin(&sm.lo, lo), atomicMax(&sm.hi, hi);
+    __syncthreads();
+    const uint32_t keep_above = n0 >= k ? sm.lo : kNegInfKey;
+    __syncthreads();  // every thread has read sm.lo before the append folds new keys into it
+    const int n_new = append_new_keys(GlobalSrc{base + l0}, l1 - l0, l0, keep_above,
+                                      PoolSink{pool_keys + n0, pool_pos + n0}, sm);
+    const int n_all = n0 + n_new;
+    // Each warp answers every kWarps-th row of the chunk from the pool, with its own slice of the histogram.
+    const KeyRange range = key_range(sm.lo, sm.hi, 8);
     const PoolSrc src{pool_keys, pool_pos};
-    for (int r = r0; r < r1; ++r) {
-      const int n = n0 + (row_limit(r, off, step, sk) - l0);
-      int32_t* o = out_bh + static_cast<int64_t>(r) * k;
-      const int cnt = block_topk(src, n, k, GlobalSink{o}, sm);
-      finish_row(o, cnt_bh + r, cnt, k);
+    const int warp = threadIdx.x >> 5;
+    for (int r = r0 + warp; r < r1; r += kWarps) {
+      // Pool entries of row r: the first selection and the kept new keys below its limit (binary search).
+      const int lim = row_limit(r, off, step, sk);
+      int a = n0, b = n_all;
+      while (a < b) {
+        const int m = (a + b) >> 1;
+        if (pool_pos[m] < lim) a = m + 1; else b = m;
+      }
+      const int cnt = warp_topk(src, a, k, out_bh + static_cast<int64_t>(r) * k, sm.hist + warp * 256, range);
+      if ((threadIdx.x & 31) == 0) cnt_bh[r] = cnt;
     }
   } else {
     for (int r = r0; r < r1; ++r) {
       int32_t* o = out_bh + static_cast<int64_t>(r) * k;
-      const int cnt = block_topk(GlobalSrc{base + r * srow}, row_limit(r, off, step, sk), k, GlobalSink{o}, sm);
+      const float* row = base + r * srow;
+      const int cnt = block_topk(GlobalSrc{row}, row_limit(r, off, step, sk), k, GlobalSink{o}, sm);
       finish_row(o, cnt_bh + r, cnt, k);
     }
   }
+}
+
+// Pool bytes of a CTA answering `per` rows (keys and positions of k + (per - 1) * step entries, padded as above).
+inline size_t pool_bytes(int64_t k, int64_t step, int64_t per) {
+  return static_cast<size_t>(((k + (per - 1) * step + 3) & ~int64_t(3)) * 8);
+}
+
+// Resident pool-mode CTAs per SM for `smem` dynamic bytes: the last answer per device is cached (repeated calls of
+// one shape skip the occupancy query).
+inline cudaError_t resident_ctas(size_t smem, int* resident) {
+  static std::atomic<uint64_t> cache[sparsek_device::kCachedDevices] = {};  // smem << 16 | resident, 0 = none
+  const int dev = sparsek_device::current();
+  const bool cacheable = dev >= 0 && dev < sparsek_device::kCachedDevices;
+  if (cacheable) {
+    const uint64_t c = cache[dev].load(std::memory_order_relaxed);
+    if (c != 0 && (c >> 16) == smem) {
+      *resident = static_cast<int>(c & 0xFFFFu);
+      return cudaSuccess;
+    }
+  }
+  int n = 1;
+  const cudaError_t err =
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, topk_select_kernel<true>, kThreads, smem);
+  if (err != cudaSuccess) return err;
+  n = n < 1 ? 1 : (n > 0xFFFF ? 0xFFFF : n);
+  if (cacheable) cache[dev].store((static_cast<uint64_t>(smem) << 16) | static_cast<uint64_t>(n), std::memory_order_relaxed);
+  *resident = n;
+  return cudaSuccess;
+}
+
+// SPARSEK_SELECT_ROWS_PER_CTA=n (1-64) forces the pool mode's rows per CTA (a tuning knob; unset = heuristic).
+inline int rows_per_cta_override() {
+  static const int v = [] {
+    const char* e = std::getenv("SPARSEK_SELECT_ROWS_PER_CTA");
+    const int n = e ? std::atoi(e) : 0;
+    return n >= 1 && n <= 64 ? n : 0;
+  }();
+  return v;
 }
 
 }  // namespace sk_sparse
@@ -215,34 +458,31 @@ extern "C" int sk_topk_select(const float* scores, int64_t score_batch_stride, i
   if (batch == 0 || heads == 0 || rows == 0) return cudaSuccess;
   if (static_cast<int64_t>(batch) * heads > 65535) return cudaErrorInvalidConfiguration;
   cudaStream_t st = static_cast<cudaStream_t>(stream);
-  int dev = 0, sms = 132;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   const int bh = batch * heads;
   const int64_t max_pool = kMaxPoolBytes / 8;
-  const bool pool = score_row_stride == 0 && static_cast<int64_t>(k) + step <= max_pool;
+  const bool pool = score_row_stride == 0 && static_cast<int64_t>(k) + step + 3 <= max_pool;
   if (pool) {
     // Rows per CTA: as few as fill one wave of resident CTAs (each row's selection is a chain of block-wide barrier
     // rounds, so resident CTAs, not the rows they share a pool with, hide each other's latency), at most 64 and no
     // more than the pool allows.
-    const int64_t fit = step > 0 ? (max_pool - k) / step + 1 : 64;
-    const auto pool_bytes = [&](int64_t per) { return static_cast<size_t>(k + (per - 1) * step) * 8; };
-    cudaError_t err = cudaFuncSetAttribute(topk_select_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           kMaxPoolBytes);
+    const int64_t fit = step > 0 ? (max_pool - k - 3) / step + 1 : 64;
+    static std::atomic<uint64_t> smem_raised{0};
+    cudaError_t err = sparsek_device::allow_dynamic_smem(smem_raised, reinterpret_cast<const void*>(topk_select_kernel<true>),
+                                                         kMaxPoolBytes);
     if (err != cudaSuccess) return err;
     int resident = 1;
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, topk_select_kernel<true>, kThreads,
-                                                        pool_bytes(fit < 8 ? fit : 8));
+    err = resident_ctas(pool_bytes(k, step, fit < 8 ? fit : 8), &resident);
     if (err != cudaSuccess) return err;
-    const int64_t slots = static_cast<int64_t>(resident < 1 ? 1 : resident) * sms;
+    const int64_t slots = static_cast<int64_t>(resident) * sparsek_device::num_sms();
     int64_t per = (static_cast<int64_t>(rows) * bh + slots - 1) / slots;
+    if (rows_per_cta_override() > 0) per = rows_per_cta_override();
     per = per < 1 ? 1 : (per > 64 ? 64 : per);
     per = per > fit ? fit : per;
     const int rpc = static_cast<int>(per);
-    const size_t smem = pool_bytes(per);
     dim3 grid((rows + rpc - 1) / rpc, bh);
-    topk_select_kernel<true><<<grid, kThreads, smem, st>>>(scores, score_batch_stride, score_head_stride, 0, heads,
-                                                           rows, seqlen_k, k, off, step, rpc, out_indices, out_counts);
+    topk_select_kernel<true><<<grid, kThreads, pool_bytes(k, step, per), st>>>(
+        scores, score_batch_stride, score_head_stride, 0, heads, rows, seqlen_k, k, off, step, rpc, out_indices,
+        out_counts);
   } else {
     dim3 grid(rows, bh);
     topk_select_kernel<false><<<grid, kThreads, 0, st>>>(scores, score_batch_stride, score_head_stride,
