@@ -4,8 +4,9 @@
 // Order: a key is better when its score is larger, ties go to the lower position; -inf is never selected.
 // Per-key (shared) scores use the prefix property: with that total order, the top-k of [0, L) for L >= L0 is
 // contained in topk([0, L0)) + [L0, L). One CTA handles a chunk of consecutive rows: it selects once over the
-// global prefix [0, L0) into a shared-memory pool, appends the chunk's new keys, and answers every row of the
-// chunk from the pool (about k + rows*step elements instead of L).
+// global prefix [0, L0) into a shared-memory pool, appends those of the chunk's new keys that beat the k-th best
+// of [0, L0) (thresholds only rise along the rows), and its warps answer one row each from the pool (about
+// k + rows*step elements instead of L) with warp-level radix selects.
 //
 // The select is three histogram passes at most (11, 11 and 10 bits of the order key, 2048 bins: the first pass
 // spreads typical scores over many bins, so few threads of a warp hit the same counter) and one compaction pass.
@@ -48,10 +49,11 @@ __device__ __forceinline__ uint32_t order_key(float f) {
 }
 
 // The keys a select sees, as offsets from `base`: every valid key lies in [base, base + 2^bits). Pass p's digit is
-// bits [first_shift - 11p, first_shift - 11p + 11) of key - base (the last pass's shift is clamped to 0; its digit
-// then overlaps bits the previous pass fixed, which only narrows the bins in use). Scores of any sign span all 32
-// bits: digits 31..21, 20..10, 9..0. A pool of keys at or above a known threshold spans far fewer, so its first
-// digit splits the actual range into 2048 bins instead of crowding it into the few bins of its sign and exponent.
+// bits [first_shift - d*p, first_shift - d*p + d) of key - base for digit width d (the last pass's shift is clamped
+// to 0; its digit then overlaps bits the previous pass fixed, which only narrows the bins in use). Scores of any
+// sign span all 32 bits: 11-bit digits 31..21, 20..10, 9..0. A pool of keys at or above a known threshold spans far
+// fewer, so its first digit splits the actual range into bins instead of crowding it into the few bins of one sign
+// and exponent.
 struct KeyRange {
   uint32_t base = 0;
   int first_shift = 32 - kDigitBits;
@@ -116,7 +118,8 @@ struct PoolSink {
 // (in source order) in the whole compaction; cand_before counts the candidates of earlier rounds. Returns the
 // round's (taken << 16 | candidates) total; one barrier (warp totals double buffered by round parity).
 template <class Src, class Sink>
-__device__ __forceinline__ uint32_t compact_round(const Src& src, const Sink& sink, int e, const uint32_t (&key)[kItems],
+__device__ __forceinline__ uint32_t compact_round(const Src& src, const Sink& sink, int e,
+                                                  const uint32_t (&key)[kItems],
                                                   const unsigned (&take)[kItems], const unsigned (&cand)[kItems],
                                                   int base, int cand_avail, int parity, SelectSmem& sm) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -330,7 +333,8 @@ __device__ int append_new_keys(const Src& src, int n, int first_pos, uint32_t ke
       none[i] = 0u;
       if (keep) lo = min(lo, key[i]), hi = max(hi, key[i]);
     }
-    out_base += static_cast<int>(compact_round(shifted, sink, t0 + first, key, take, none, out_base, 0, parity, sm) >> 16);
+    const uint32_t kept = compact_round(shifted, sink, t0 + first, key, take, none, out_base, 0, parity, sm);
+    out_base += static_cast<int>(kept >> 16);
   }
   if (lo <= hi) atomicMin(&sm.lo, lo), atomicMax(&sm.hi, hi);
   __syncthreads();
@@ -349,10 +353,10 @@ __device__ __forceinline__ void finish_row(int32_t* out, int32_t* count, int cnt
 
 // kPool: shared score vector, rows answered from a shared-memory pool; otherwise each row is scanned in global memory.
 template <bool kPool>
-__global__ void __launch_bounds__(kThreads) topk_select_kernel(const float* __restrict__ scores, int64_t sb,
-                                                               int64_t sh, int64_t srow, int heads, int rows, int sk,
-                                                               int k, int off, int step, int rows_per_cta,
-                                                               int32_t* __restrict__ out, int32_t* __restrict__ counts) {
+__global__ void __launch_bounds__(kThreads)
+    topk_select_kernel(const float* __restrict__ scores, int64_t sb, int64_t sh, int64_t srow, int heads, int rows,
+                       int sk, int k, int off, int step, int rows_per_cta, int32_t* __restrict__ out,
+                       int32_t* __restrict__ counts) {
   __shared__ SelectSmem sm;
   extern __shared__ __align__(16) unsigned char pool_raw[];
   const int bh = blockIdx.y;
@@ -430,7 +434,8 @@ inline cudaError_t resident_ctas(size_t smem, int* resident) {
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, topk_select_kernel<true>, kThreads, smem);
   if (err != cudaSuccess) return err;
   n = n < 1 ? 1 : (n > 0xFFFF ? 0xFFFF : n);
-  if (cacheable) cache[dev].store((static_cast<uint64_t>(smem) << 16) | static_cast<uint64_t>(n), std::memory_order_relaxed);
+  if (cacheable)
+    cache[dev].store((static_cast<uint64_t>(smem) << 16) | static_cast<uint64_t>(n), std::memory_order_relaxed);
   *resident = n;
   return cudaSuccess;
 }
@@ -462,13 +467,12 @@ extern "C" int sk_topk_select(const float* scores, int64_t score_batch_stride, i
   const int64_t max_pool = kMaxPoolBytes / 8;
   const bool pool = score_row_stride == 0 && static_cast<int64_t>(k) + step + 3 <= max_pool;
   if (pool) {
-    // Rows per CTA: as few as fill one wave of resident CTAs (each row's selection is a chain of block-wide barrier
-    // rounds, so resident CTAs, not the rows they share a pool with, hide each other's latency), at most 64 and no
-    // more than the pool allows.
+    // Rows per CTA: as few as fill one wave of resident CTAs (each CTA first selects over its global prefix, and
+    // resident CTAs hide each other's barrier chains), at most 64 and no more than the pool allows.
     const int64_t fit = step > 0 ? (max_pool - k - 3) / step + 1 : 64;
     static std::atomic<uint64_t> smem_raised{0};
-    cudaError_t err = sparsek_device::allow_dynamic_smem(smem_raised, reinterpret_cast<const void*>(topk_select_kernel<true>),
-                                                         kMaxPoolBytes);
+    const void* pool_kernel = reinterpret_cast<const void*>(topk_select_kernel<true>);
+    cudaError_t err = sparsek_device::allow_dynamic_smem(smem_raised, pool_kernel, kMaxPoolBytes);
     if (err != cudaSuccess) return err;
     int resident = 1;
     err = resident_ctas(pool_bytes(k, step, fit < 8 ? fit : 8), &resident);
