@@ -13,8 +13,9 @@
 // (block-sparse lists) and the band arrive by TMA; token lists are gathered with cp.async into the same
 // 128-byte-swizzled layout, completing on the same mbarriers, by two producer warpgroups (K by warpgroup 0, V by a
 // fourth one; 32 key rows per warp, whole rows per request), so both operands' copies are in flight at once.
-// The key position of every tile row is published in shared memory with the K tile for the consumers' mask (and read
-// back by the gathering warp). Measured: one-row TMA boxes gather 15-25% slower than cp.async (PERF_NOTES s7, s15).
+// The key position of every tile row is published in shared memory with the K tile for the consumers' mask; the
+// gathering warps take their rows' keys from the lanes that own them (shuffles). Measured: one-row TMA boxes gather
+// 15-25% slower than cp.async (PERF_NOTES s7, s15).
 #pragma once
 
 #include <cuda.h>

@@ -113,10 +113,10 @@ struct PoolSink {
   }
 };
 
-// One round of an ordered compaction: items with `take` bits (per item i, a warp ballot) go to slots base + their
-// rank among the round's taken items, items with `cand` bits too while fewer than cand_avail candidates precede them
-// (in source order) in the whole compaction; cand_before counts the candidates of earlier rounds. Returns the
-// round's (taken << 16 | candidates) total; one barrier (warp totals double buffered by round parity).
+// One round of an ordered compaction: items with `take` bits (per item i, a warp ballot) are written, and items with
+// `cand` bits while fewer than cand_avail candidates precede them in this round (the caller subtracts earlier rounds'
+// candidates from cand_avail); each goes to slot base + the number of written items before it in source order.
+// Returns the round's (taken << 16 | candidates) total; one barrier (warp totals double buffered by round parity).
 template <class Src, class Sink>
 __device__ __forceinline__ uint32_t compact_round(const Src& src, const Sink& sink, int e,
                                                   const uint32_t (&key)[kItems],
@@ -369,7 +369,7 @@ __global__ void __launch_bounds__(kThreads)
   if constexpr (kPool) {
     const int l0 = row_limit(r0, off, step, sk);
     const int l1 = row_limit(r1 - 1, off, step, sk);
-    const int cap = (k + (l1 - l0) + 3) & ~3;  // keeps the positions 16-byte aligned
+    const int cap = (k + (l1 - l0) + 3) & ~3;  // rounded up to 4 entries, as pool_bytes sizes it
     uint32_t* pool_keys = reinterpret_cast<uint32_t*>(pool_raw);
     int* pool_pos = reinterpret_cast<int*>(pool_keys + cap);
     const int n0 = block_topk(GlobalSrc{base}, l0, k, PoolSink{pool_keys, pool_pos}, sm);
