@@ -49,6 +49,19 @@ inline int major() {
   return m - 1;
 }
 
+// Largest shared memory (static + dynamic, bytes) one CTA may opt in to on the current device.
+inline int max_smem_optin() {
+  static std::atomic<int> cache[kCachedDevices] = {};
+  const int dev = current();
+  int n = dev >= 0 && dev < kCachedDevices ? cache[dev].load(std::memory_order_relaxed) : 0;
+  if (n == 0) {
+    n = query_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+    n = n > 0 ? n : 48 * 1024;
+    if (dev >= 0 && dev < kCachedDevices) cache[dev].store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
 // Raises `kernel`'s dynamic shared memory limit to `bytes` on the current device, once per device (the attribute
 // belongs to each device's context). `done` is the caller's per-kernel record of devices already set.
 inline cudaError_t allow_dynamic_smem(std::atomic<uint64_t>& done, const void* kernel, int bytes) {

@@ -6,7 +6,9 @@
 // contained in topk([0, L0)) + [L0, L). One CTA handles a chunk of consecutive rows: it selects once over the
 // global prefix [0, L0) into a shared-memory pool, appends those of the chunk's new keys that beat the k-th best
 // of [0, L0) (thresholds only rise along the rows), and its warps answer one row each from the pool (about
-// k + rows*step elements instead of L) with warp-level radix selects.
+// k + rows*step elements instead of L) with warp-level radix selects. Pool CTAs have 1024 threads, one per SM: the
+// prefix select dominates, so the grid has as few chunks per head as fill one wave, and each select runs 32 warps.
+// Rows with their own scores (per query) run one 256-thread CTA each.
 //
 // The select is three histogram passes at most (11, 11 and 10 bits of the order key, 2048 bins: the first pass
 // spreads typical scores over many bins, so few threads of a warp hit the same counter) and one compaction pass.
@@ -16,6 +18,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <algorithm>
 #include <atomic>
 #include <climits>
 #include <cstdlib>
@@ -26,18 +29,28 @@
 
 namespace sk_sparse {
 
-constexpr int kThreads = 256;
-constexpr int kItems = 8;                         // elements per thread and round
-constexpr int kWarps = kThreads / 32;
-constexpr int kWarpSpan = 32 * kItems;            // elements per warp and round
-constexpr int kTile = kThreads * kItems;          // elements per round
+constexpr int kItems = 8;                 // elements per thread and round
+constexpr int kWarpSpan = 32 * kItems;    // elements per warp and round
 constexpr int kDigitBits = 11;
 constexpr int kBins = 1 << kDigitBits;
-constexpr int kBinsPerThread = kBins / kThreads;  // bins each thread scans when locating the pivot bin
-static_assert(kThreads / 32 * 256 <= kBins, "the warps' 256-bin histograms share the block histogram");
 constexpr uint32_t kDigitMask = kBins - 1;
 constexpr uint32_t kNegInfKey = 0x007FFFFFu;  // order_key(-inf); keys <= this are never selected
-constexpr int kMaxPoolBytes = 64 * 1024;
+constexpr int kRowThreads = 256;    // per-row kernel: one CTA per row
+constexpr int kPoolThreads = 1024;  // pool kernel: one CTA per SM, one prefix select, 32 warps answer rows
+constexpr int kMaxPoolBytes = 96 * 1024;
+constexpr int kMaxRowsPerCta = 64;  // pool mode: 2 rows per warp (longer chunks grow the pool of their early rows)
+
+// Block-level constants of a select run by T threads.
+template <int T>
+struct Block {
+  static constexpr int kThreads = T;
+  static constexpr int kWarps = T / 32;
+  static constexpr int kTile = T * kItems;          // elements per round
+  static constexpr int kBinsPerThread = kBins / T;  // bins each thread scans when locating the pivot bin
+  // The block histogram; in pool mode its ints also hold each warp's private 256-bin histogram.
+  static constexpr int kHistInts = kWarps * 256 > kBins ? kWarps * 256 : kBins;
+  static_assert(kBins % T == 0 && kTile < 65536, "bins split evenly; round totals fit 16 bits");
+};
 
 // Monotone map float -> uint32 (larger score, larger key). -0.0 is folded onto +0.0 first: the two compare equal as
 // floats, so they must tie (and fall back to "lower position wins") like in the sort-based reference; without the
@@ -64,17 +77,19 @@ __device__ __forceinline__ KeyRange key_range(uint32_t lo, uint32_t hi, int digi
   return KeyRange{lo, max(bits - digit_bits, 0)};
 }
 
-using CountScan = cub::BlockScan<int, kThreads>;
+template <int T>
+using CountScan = cub::BlockScan<int, T>;
 
+template <int T>
 struct SelectSmem {
-  int hist[kBins];
+  int hist[Block<T>::kHistInts];
   int digit, need, bin;
-  uint32_t lo, hi;                      // pool key range
-  uint32_t warp_counts[2][kWarps];      // per-round warp totals of the compaction (double buffered)
-  typename CountScan::TempStorage count_scan;
+  uint32_t lo, hi;                               // pool key range
+  uint32_t warp_counts[2][Block<T>::kWarps];     // per-round warp totals of the compaction (double buffered)
+  typename CountScan<T>::TempStorage count_scan;
 };
 
-// Element layout of a round of kTile elements starting at t0: warp w covers [t0 + w*kWarpSpan, +kWarpSpan), lane l
+// Element layout of a round of T * kItems elements starting at t0: warp w covers [t0 + w*kWarpSpan, +kWarpSpan), lane l
 // holds items t0 + w*kWarpSpan + 32*i + l. Each item's load is one coalesced line per warp, and the selected items
 // of one (warp, i) go to consecutive output slots, so the stores of a round are coalesced too.
 __device__ __forceinline__ int lane_first() { return (threadIdx.x >> 5) * kWarpSpan + (threadIdx.x & 31); }
@@ -117,11 +132,12 @@ struct PoolSink {
 // `cand` bits while fewer than cand_avail candidates precede them in this round (the caller subtracts earlier rounds'
 // candidates from cand_avail); each goes to slot base + the number of written items before it in source order.
 // Returns the round's (taken << 16 | candidates) total; one barrier (warp totals double buffered by round parity).
-template <class Src, class Sink>
+template <int T, class Src, class Sink>
 __device__ __forceinline__ uint32_t compact_round(const Src& src, const Sink& sink, int e,
                                                   const uint32_t (&key)[kItems],
                                                   const unsigned (&take)[kItems], const unsigned (&cand)[kItems],
-                                                  int base, int cand_avail, int parity, SelectSmem& sm) {
+                                                  int base, int cand_avail, int parity, SelectSmem<T>& sm) {
+  constexpr int kWarps = Block<T>::kWarps;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const unsigned below = (1u << lane) - 1u;
   uint32_t mine = 0;
@@ -130,11 +146,23 @@ __device__ __forceinline__ uint32_t compact_round(const Src& src, const Sink& si
   if (lane == 0) sm.warp_counts[parity][warp] = mine;
   __syncthreads();
   uint32_t before = 0, total = 0;
+  if constexpr (kWarps <= 8) {
 #pragma unroll
-  for (int w = 0; w < kWarps; ++w) {
-    const uint32_t c = sm.warp_counts[parity][w];
-    before += w < warp ? c : 0u;
-    total += c;
+    for (int w = 0; w < kWarps; ++w) {
+      const uint32_t c = sm.warp_counts[parity][w];
+      before += w < warp ? c : 0u;
+      total += c;
+    }
+  } else {  // lane w scans warp w's total
+    uint32_t c = lane < kWarps ? sm.warp_counts[parity][lane] : 0u;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const uint32_t t = __shfl_up_sync(0xffffffffu, c, o);
+      if (lane >= o) c += t;
+    }
+    total = __shfl_sync(0xffffffffu, c, 31);
+    before = __shfl_sync(0xffffffffu, c, warp > 0 ? warp - 1 : 0);
+    before = warp > 0 ? before : 0u;
   }
   int take_run = static_cast<int>(before >> 16), cand_run = static_cast<int>(before & 0xFFFFu);
 #pragma unroll
@@ -151,8 +179,9 @@ __device__ __forceinline__ uint32_t compact_round(const Src& src, const Sink& si
 
 // Selects the best min(k, #valid) of src[0, n) and writes them through sink in source order (slots 0..count-1).
 // Every thread of the CTA must call it; returns the count (uniform).
-template <class Src, class Sink>
-__device__ int block_topk(const Src& src, int n, int k, const Sink& sink, SelectSmem& sm, KeyRange range = {}) {
+template <int T, class Src, class Sink>
+__device__ int block_topk(const Src& src, int n, int k, const Sink& sink, SelectSmem<T>& sm, KeyRange range = {}) {
+  constexpr int kThreads = T, kTile = Block<T>::kTile, kBinsPerThread = Block<T>::kBinsPerThread;
   const int tid = threadIdx.x;
   const int first = lane_first();
   uint32_t prefix = 0, mask = 0;
@@ -175,7 +204,7 @@ __device__ int block_topk(const Src& src, int n, int k, const Sink& sink, Select
       for (int i = 0; i < kItems; ++i) key[i] = next[i];
     }
     __syncthreads();
-    // Locate the bin holding the need-th best element: thread t owns bins top, top-1, ..., top-7 (best first).
+    // Locate the bin holding the need-th best element: thread t owns bins top, top-1, ... (best first).
     const int top = kBins - 1 - tid * kBinsPerThread;
     int h[kBinsPerThread];
     int s = 0;
@@ -185,7 +214,7 @@ __device__ int block_topk(const Src& src, int n, int k, const Sink& sink, Select
       s += h[j];
     }
     int incl, total;
-    CountScan(sm.count_scan).InclusiveSum(s, incl, total);
+    CountScan<T>(sm.count_scan).InclusiveSum(s, incl, total);
     if (pass == 0) valid_total = total;
     if (total < need) {  // fewer valid elements than k (first pass only): take them all
       take_all = true;
@@ -311,9 +340,10 @@ __device__ int warp_topk(const PoolSrc& src, int n, int k, int32_t* __restrict__
 
 // Appends the keys of src[0, n) (positions first_pos + e) above `keep_above` through sink in order and folds their
 // range into sm.lo / sm.hi; returns how many (uniform). Every thread of the CTA must call it.
-template <class Src, class Sink>
+template <int T, class Src, class Sink>
 __device__ int append_new_keys(const Src& src, int n, int first_pos, uint32_t keep_above, const Sink& sink,
-                               SelectSmem& sm) {
+                               SelectSmem<T>& sm) {
+  constexpr int kTile = Block<T>::kTile;
   struct Shifted {  // positions first_pos + e
     const Src& src;
     int first_pos;
@@ -347,17 +377,18 @@ __device__ __forceinline__ int row_limit(int r, int off, int step, int sk) {
 }
 
 __device__ __forceinline__ void finish_row(int32_t* out, int32_t* count, int cnt, int k) {
-  for (int s = cnt + threadIdx.x; s < k; s += kThreads) out[s] = -1;
+  for (int s = cnt + threadIdx.x; s < k; s += kRowThreads) out[s] = -1;
   if (threadIdx.x == 0) *count = cnt;
 }
 
 // kPool: shared score vector, rows answered from a shared-memory pool; otherwise each row is scanned in global memory.
 template <bool kPool>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kPool ? kPoolThreads : kRowThreads)
     topk_select_kernel(const float* __restrict__ scores, int64_t sb, int64_t sh, int64_t srow, int heads, int rows,
                        int sk, int k, int off, int step, int rows_per_cta, int32_t* __restrict__ out,
                        int32_t* __restrict__ counts) {
-  __shared__ SelectSmem sm;
+  constexpr int T = kPool ? kPoolThreads : kRowThreads;
+  __shared__ SelectSmem<T> sm;
   extern __shared__ __align__(16) unsigned char pool_raw[];
   const int bh = blockIdx.y;
   const int b = bh / heads, h = bh % heads;
@@ -369,7 +400,7 @@ __global__ void __launch_bounds__(kThreads)
   if constexpr (kPool) {
     const int l0 = row_limit(r0, off, step, sk);
     const int l1 = row_limit(r1 - 1, off, step, sk);
-    const int cap = (k + (l1 - l0) + 3) & ~3;  // rounded up to 4 entries, as pool_bytes sizes it
+    const int cap = k + (l1 - l0);
     uint32_t* pool_keys = reinterpret_cast<uint32_t*>(pool_raw);
     int* pool_pos = reinterpret_cast<int*>(pool_keys + cap);
     const int n0 = block_topk(GlobalSrc{base}, l0, k, PoolSink{pool_keys, pool_pos}, sm);
@@ -378,7 +409,7 @@ __global__ void __launch_bounds__(kThreads)
     if (threadIdx.x == 0) sm.lo = 0xFFFFFFFFu, sm.hi = 0u;
     __syncthreads();
     uint32_t lo = 0xFFFFFFFFu, hi = 0u;
-    for (int e = threadIdx.x; e < n0; e += kThreads) lo = min(lo, pool_keys[e]), hi = max(hi, pool_keys[e]);
+    for (int e = threadIdx.x; e < n0; e += T) lo = min(lo, pool_keys[e]), hi = max(hi, pool_keys[e]);
     if (n0 > 0) atomicMin(&sm.lo, lo), atomicMax(&sm.hi, hi);
     __syncthreads();
     const uint32_t keep_above = n0 >= k ? sm.lo : kNegInfKey;
@@ -386,11 +417,11 @@ __global__ void __launch_bounds__(kThreads)
     const int n_new = append_new_keys(GlobalSrc{base + l0}, l1 - l0, l0, keep_above,
                                       PoolSink{pool_keys + n0, pool_pos + n0}, sm);
     const int n_all = n0 + n_new;
-    // Each warp answers every kWarps-th row of the chunk from the pool, with its own slice of the histogram.
+    // Each warp answers every (T / 32)-th row of the chunk from the pool, with its own slice of the histogram.
     const KeyRange range = key_range(sm.lo, sm.hi, 8);
     const PoolSrc src{pool_keys, pool_pos};
     const int warp = threadIdx.x >> 5;
-    for (int r = r0 + warp; r < r1; r += kWarps) {
+    for (int r = r0 + warp; r < r1; r += Block<T>::kWarps) {
       // Pool entries of row r: the first selection and the kept new keys below its limit (binary search).
       const int lim = row_limit(r, off, step, sk);
       int a = n0, b = n_all;
@@ -411,10 +442,8 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Pool bytes of a CTA answering `per` rows (keys and positions of k + (per - 1) * step entries, padded as above).
-inline size_t pool_bytes(int64_t k, int64_t step, int64_t per) {
-  return static_cast<size_t>(((k + (per - 1) * step + 3) & ~int64_t(3)) * 8);
-}
+// Pool bytes of a CTA answering `per` rows (keys and positions of k + (per - 1) * step entries).
+inline size_t pool_bytes(int64_t k, int64_t step, int64_t per) { return static_cast<size_t>((k + (per - 1) * step) * 8); }
 
 // Resident pool-mode CTAs per SM for `smem` dynamic bytes: the last answer per device is cached (repeated calls of
 // one shape skip the occupancy query).
@@ -431,7 +460,7 @@ inline cudaError_t resident_ctas(size_t smem, int* resident) {
   }
   int n = 1;
   const cudaError_t err =
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, topk_select_kernel<true>, kThreads, smem);
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, topk_select_kernel<true>, kPoolThreads, smem);
   if (err != cudaSuccess) return err;
   n = n < 1 ? 1 : (n > 0xFFFF ? 0xFFFF : n);
   if (cacheable)
@@ -440,12 +469,12 @@ inline cudaError_t resident_ctas(size_t smem, int* resident) {
   return cudaSuccess;
 }
 
-// SPARSEK_SELECT_ROWS_PER_CTA=n (1-64) forces the pool mode's rows per CTA (a tuning knob; unset = heuristic).
+// SPARSEK_SELECT_ROWS_PER_CTA=n (1-kMaxRowsPerCta) forces the pool mode's rows per CTA (a tuning knob; unset = heuristic).
 inline int rows_per_cta_override() {
   static const int v = [] {
     const char* e = std::getenv("SPARSEK_SELECT_ROWS_PER_CTA");
     const int n = e ? std::atoi(e) : 0;
-    return n >= 1 && n <= 64 ? n : 0;
+    return n >= 1 && n <= kMaxRowsPerCta ? n : 0;
   }();
   return v;
 }
@@ -464,32 +493,37 @@ extern "C" int sk_topk_select(const float* scores, int64_t score_batch_stride, i
   if (static_cast<int64_t>(batch) * heads > 65535) return cudaErrorInvalidConfiguration;
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   const int bh = batch * heads;
-  const int64_t max_pool = kMaxPoolBytes / 8;
-  const bool pool = score_row_stride == 0 && static_cast<int64_t>(k) + step + 3 <= max_pool;
+  // Pool bytes: kMaxPoolBytes, or what the device's shared memory leaves beside the kernel's static part.
+  const int64_t pool_limit = std::min<int64_t>(
+      kMaxPoolBytes, sparsek_device::max_smem_optin() - static_cast<int64_t>(sizeof(SelectSmem<kPoolThreads>)) - 1024);
+  const int64_t max_pool = pool_limit / 8;
+  const bool pool = score_row_stride == 0 && static_cast<int64_t>(k) + step <= max_pool;
   if (pool) {
-    // Rows per CTA: as few as fill one wave of resident CTAs (each CTA first selects over its global prefix, and
-    // resident CTAs hide each other's barrier chains), at most 64 and no more than the pool allows.
-    const int64_t fit = step > 0 ? (max_pool - k - 3) / step + 1 : 64;
+    // Rows per CTA: as few as let the grid fill one wave of resident CTAs (each CTA first selects over its global
+    // prefix, the dominant cost, so fewer CTAs per head repeat it less often), at most kMaxRowsPerCta and no more
+    // than the pool allows.
+    const int64_t fit = step > 0 ? (max_pool - k) / step + 1 : kMaxRowsPerCta;
     static std::atomic<uint64_t> smem_raised{0};
     const void* pool_kernel = reinterpret_cast<const void*>(topk_select_kernel<true>);
-    cudaError_t err = sparsek_device::allow_dynamic_smem(smem_raised, pool_kernel, kMaxPoolBytes);
+    cudaError_t err = sparsek_device::allow_dynamic_smem(smem_raised, pool_kernel, static_cast<int>(pool_limit));
     if (err != cudaSuccess) return err;
     int resident = 1;
     err = resident_ctas(pool_bytes(k, step, fit < 8 ? fit : 8), &resident);
     if (err != cudaSuccess) return err;
     const int64_t slots = static_cast<int64_t>(resident) * sparsek_device::num_sms();
-    int64_t per = (static_cast<int64_t>(rows) * bh + slots - 1) / slots;
+    const int64_t chunks = slots >= bh ? slots / bh : 1;  // CTAs per (batch, head) within one wave
+    int64_t per = (rows + chunks - 1) / chunks;
     if (rows_per_cta_override() > 0) per = rows_per_cta_override();
-    per = per < 1 ? 1 : (per > 64 ? 64 : per);
+    per = per < 1 ? 1 : (per > kMaxRowsPerCta ? kMaxRowsPerCta : per);
     per = per > fit ? fit : per;
     const int rpc = static_cast<int>(per);
     dim3 grid((rows + rpc - 1) / rpc, bh);
-    topk_select_kernel<true><<<grid, kThreads, pool_bytes(k, step, per), st>>>(
+    topk_select_kernel<true><<<grid, kPoolThreads, pool_bytes(k, step, per), st>>>(
         scores, score_batch_stride, score_head_stride, 0, heads, rows, seqlen_k, k, off, step, rpc, out_indices,
         out_counts);
   } else {
     dim3 grid(rows, bh);
-    topk_select_kernel<false><<<grid, kThreads, 0, st>>>(scores, score_batch_stride, score_head_stride,
+    topk_select_kernel<false><<<grid, kRowThreads, 0, st>>>(scores, score_batch_stride, score_head_stride,
                                                          score_row_stride, heads, rows, seqlen_k, k, off, step, 1,
                                                          out_indices, out_counts);
   }
