@@ -24,42 +24,45 @@ inline int query_attribute(cudaDeviceAttr attr, int dev) {
   return v;
 }
 
+// `read(dev)` of the current device, read once per device and kept in `cache` (0 = not read yet, so `read` must
+// return a non-zero value).
+template <class Read>
+inline int cached_per_device(std::atomic<int> (&cache)[kCachedDevices], Read read) {
+  const int dev = current();
+  const bool cacheable = dev >= 0 && dev < kCachedDevices;
+  int v = cacheable ? cache[dev].load(std::memory_order_relaxed) : 0;
+  if (v == 0) {
+    v = read(dev);
+    if (cacheable) cache[dev].store(v, std::memory_order_relaxed);
+  }
+  return v;
+}
+
 // Number of SMs of the current device (at least 1).
 inline int num_sms() {
   static std::atomic<int> cache[kCachedDevices] = {};
-  const int dev = current();
-  int n = dev >= 0 && dev < kCachedDevices ? cache[dev].load(std::memory_order_relaxed) : 0;
-  if (n == 0) {
-    n = query_attribute(cudaDevAttrMultiProcessorCount, dev);
-    n = n > 0 ? n : 1;
-    if (dev >= 0 && dev < kCachedDevices) cache[dev].store(n, std::memory_order_relaxed);
-  }
-  return n;
+  return cached_per_device(cache, [](int dev) {
+    const int n = query_attribute(cudaDevAttrMultiProcessorCount, dev);
+    return n > 0 ? n : 1;
+  });
 }
 
 // Compute capability major version of the current device (0 when it cannot be read).
 inline int major() {
-  static std::atomic<int> cache[kCachedDevices] = {};  // stores major + 1 (0 = not read yet)
-  const int dev = current();
-  int m = dev >= 0 && dev < kCachedDevices ? cache[dev].load(std::memory_order_relaxed) : 0;
-  if (m == 0) {
-    m = query_attribute(cudaDevAttrComputeCapabilityMajor, dev) + 1;
-    if (dev >= 0 && dev < kCachedDevices) cache[dev].store(m, std::memory_order_relaxed);
-  }
-  return m - 1;
+  static std::atomic<int> cache[kCachedDevices] = {};  // stores major + 1
+  const int stored = cached_per_device(cache, [](int dev) {
+    return query_attribute(cudaDevAttrComputeCapabilityMajor, dev) + 1;
+  });
+  return stored - 1;
 }
 
 // Largest shared memory (static + dynamic, bytes) one CTA may opt in to on the current device.
 inline int max_smem_optin() {
   static std::atomic<int> cache[kCachedDevices] = {};
-  const int dev = current();
-  int n = dev >= 0 && dev < kCachedDevices ? cache[dev].load(std::memory_order_relaxed) : 0;
-  if (n == 0) {
-    n = query_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-    n = n > 0 ? n : 48 * 1024;
-    if (dev >= 0 && dev < kCachedDevices) cache[dev].store(n, std::memory_order_relaxed);
-  }
-  return n;
+  return cached_per_device(cache, [](int dev) {
+    const int n = query_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+    return n > 0 ? n : 48 * 1024;
+  });
 }
 
 // Raises `kernel`'s dynamic shared memory limit to `bytes` on the current device, once per device (the attribute

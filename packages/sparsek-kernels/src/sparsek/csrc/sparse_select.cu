@@ -43,7 +43,6 @@ constexpr int kMaxRowsPerCta = 64;  // pool mode: 2 rows per warp (longer chunks
 // Block-level constants of a select run by T threads.
 template <int T>
 struct Block {
-  static constexpr int kThreads = T;
   static constexpr int kWarps = T / 32;
   static constexpr int kTile = T * kItems;          // elements per round
   static constexpr int kBinsPerThread = kBins / T;  // bins each thread scans when locating the pivot bin
