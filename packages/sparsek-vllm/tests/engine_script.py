@@ -1,6 +1,7 @@
 """Run a real vLLM engine on a tiny local model and dump greedy outputs (used by test_vllm_engine_cpu.py).
 
-Usage: python engine_script.py MODEL_DIR OUT_JSON DTYPE. The backend is whatever vLLM picks; the test sets
+Usage: python engine_script.py MODEL_DIR OUT_JSON DTYPE. Writes ``{"tokens": [wave][prompt][step], "top2":
+[wave][prompt][step] -> [[token, logprob], [token, logprob]]}``. The backend is whatever vLLM picks; the test sets
 ``SPARSEK_VLLM_REPLACE=CPU_ATTN`` for the sparsek run, so the plugin swaps sparsek in for vLLM's CPU backend in every
 engine process. The body is guarded by ``__main__`` because the engine spawns processes.
 """
@@ -43,13 +44,21 @@ def main() -> None:
         max_num_batched_tokens=96,  # long prompts are chunked, so prefill chunks run beside decodes
         seed=0,
     )
-    params = SamplingParams(temperature=0.0, max_tokens=12, detokenize=False, ignore_eos=True)
-    results = []
+    # logprobs=2: each step's two best tokens and their log-probabilities (how close a greedy choice was)
+    params = SamplingParams(temperature=0.0, max_tokens=12, detokenize=False, ignore_eos=True, logprobs=2)
+    results, top2 = [], []
     for wave in make_prompts():
         outs = llm.generate([{"prompt_token_ids": p} for p in wave], params, use_tqdm=False)
         results.append([list(o.outputs[0].token_ids) for o in outs])
+        top2.append([[_best_two(step) for step in o.outputs[0].logprobs] for o in outs])
     with open(out_path, "w") as f:
-        json.dump(results, f)
+        json.dump({"tokens": results, "top2": top2}, f)
+
+
+def _best_two(step: dict) -> list[list]:
+    """The two most likely tokens of one decoding step as ``[[token, logprob], [token, logprob]]``."""
+    best = sorted(step.items(), key=lambda kv: -kv[1].logprob)[:2]
+    return [[tok, lp.logprob] for tok, lp in best]
 
 
 if __name__ == "__main__":

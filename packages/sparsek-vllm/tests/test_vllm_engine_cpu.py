@@ -1,5 +1,6 @@
 """End-to-end on CPU: a real vLLM engine runs a tiny random-weight Llama (GQA) written by the test, once with vLLM's
-own CPU backend and once with sparsek's backend in its place; greedy outputs must match token for token.
+own CPU backend and once with sparsek's backend in its place; greedy outputs must match token for token (float32), or
+up to greedy choices between near-tied tokens (bf16).
 
 Each engine runs in a subprocess (``engine_script.py``, guarded by ``__main__``). The sparsek run sets
 ``SPARSEK_VLLM_REPLACE=CPU_ATTN``: the installed ``vllm.general_plugins`` entry point then swaps sparsek in for
@@ -64,5 +65,29 @@ def test_greedy_outputs_match_vllm_cpu_backend(tiny_llama, tmp_path, dtype):
     assert "sparsek attention backend active" in log
     assert "sparsek: mixed batch of" in log
     assert "sparsek: prefill over" in log
-    assert [len(w) for w in ours] == [5, 4] and all(len(t) == 12 for w in ours for t in w)
-    assert ours == native
+    assert [len(w) for w in ours["tokens"]] == [5, 4] and all(len(t) == 12 for w in ours["tokens"] for t in w)
+    if dtype == "float32":
+        assert ours["tokens"] == native["tokens"]
+    else:
+        _assert_same_up_to_near_ties(native, ours)
+
+
+def _assert_same_up_to_near_ties(native: dict, ours: dict, max_gap: float = 0.07) -> None:
+    """bf16: two correct backends round attention differently, which can flip a greedy choice between two tokens
+    whose log-probabilities lie within a few bf16 steps (1/64 at logits of 2-4). Each sequence must equal vLLM's up
+    to its first difference; there, vLLM's two best tokens must be within ``max_gap`` and we must have picked its
+    second best (after that the sequences legitimately differ). Most sequences must match outright."""
+    diverged = 0
+    for wave_n, wave_o, top_n in zip(native["tokens"], ours["tokens"], native["top2"]):
+        for seq_n, seq_o, steps in zip(wave_n, wave_o, top_n):
+            first = next((i for i, (a, b) in enumerate(zip(seq_n, seq_o)) if a != b), None)
+            if first is None:
+                continue
+            diverged += 1
+            (best, lp_best), (second, lp_second) = steps[first]
+            assert best == seq_n[first]
+            assert seq_o[first] == second and lp_best - lp_second <= max_gap, (
+                f"step {first}: vLLM chose {best} ({lp_best:.4f}) over {second} ({lp_second:.4f}); sparsek chose "
+                f"{seq_o[first]}: not a near tie\nvLLM    {seq_n}\nsparsek {seq_o}"
+            )
+    assert diverged <= 3, f"{diverged} of 9 sequences differ from vLLM's"
