@@ -12,10 +12,10 @@
 // Index-list (sparse) mode (kIndex): a 128-row query block also attends the keys of its list. Runs of 128 keys
 // (block-sparse lists) and the band arrive by TMA; token lists are gathered with cp.async into the same
 // 128-byte-swizzled layout, completing on the same mbarriers, by two producer warpgroups (K by warpgroup 0, V by a
-// fourth one; 32 key rows per warp, whole rows per request), so both operands' copies are in flight at once.
-// The key position of every tile row is published in shared memory with the K tile for the consumers' mask; the
-// gathering warps take their rows' keys from the lanes that own them (shuffles). Measured: one-row TMA boxes gather
-// 15-25% slower than cp.async (PERF_NOTES s7, s15).
+// fourth one; 32 key rows per warp, 4 rows x 128 bytes per request), so both operands' copies are in flight at once.
+// The key position of every tile row is published in shared memory with the K tile for the consumers' mask (they
+// release K's slot once they have read both); the gathering warps take their rows' keys from the lanes that own them
+// (shuffles). Measured: one-row TMA boxes gather 15-25% slower than cp.async (PERF_NOTES s7, s15).
 #pragma once
 
 #include <cuda.h>
@@ -120,44 +120,64 @@ __device__ __forceinline__ void issue_pv(float* acc_o, const uint32_t (*pa)[4], 
 }
 
 // Index-list mode: producer warp `warp` copies key rows into rows [32 warp, 32 warp + 32) of a [kBlocksD][kBN][64]
-// tile with the 128-byte swizzle TMA uses (16-byte chunk c of row r at c ^ (r % 8)). Lane l holds in `off_own` where
-// the warp's row l starts, in 16-byte units after `base`, or kNoRow (zeros); each step takes a row's offset from its
-// lane by shuffle (independent of the other steps, no shared-memory round trip) and copies whole rows with consecutive
-// lanes on consecutive 16-byte chunks, so every request reads full 32-byte sectors.
+// tile with the 128-byte swizzle TMA uses (16-byte chunk c of row r at c ^ (r % 8)). Eight lanes share a row (lane l
+// takes 16-byte chunk l % 8 of each of its 128-byte halves), so one request reads 4 rows x 128 contiguous bytes, and a
+// lane copies rows l / 8 + 4 s (s = 0..7): 8 row offsets by shuffle from the lanes that own them, one address per row
+// for both halves, and a destination that only alternates between two swizzle phases (rows 4 apart differ in r % 8
+// by 4) plus constant offsets. Lane l holds in `off_own` where the warp's row l starts, in 16-byte units after `base`,
+// or kNoRow (zeros). The address arithmetic stays on the integer ALU (shift-adds): the consumers' softmax needs the
+// FMA pipe, which 64-bit multiply-adds would share (measured at head dim 64).
 constexpr uint32_t kNoRow = 0x80000000u;
 __device__ __forceinline__ uint32_t row_offset16(int j, uint32_t row_bytes) {
   return j >= 0 ? (uint32_t)j * (row_bytes >> 4) : kNoRow;
 }
-// 16-byte cp.async from `src0` + 16 * (off without its top bit); off's top bit set (kNoRow): zero-fill, nothing read.
-// In PTX so that the address is one 32x32->64 multiply-add and the zero fill one predicate.
-__device__ __forceinline__ void cp_async_row16(uint32_t dst, uint64_t src0, uint32_t off) {
-  asm volatile(
-      "{\n"
-      ".reg .pred skip;\n"
-      ".reg .b32 o;\n"
-      ".reg .b64 a;\n"
-      "setp.lt.s32 skip, %2, 0;\n"
-      "and.b32 o, %2, 0x7fffffff;\n"
-      "mad.wide.u32 a, o, 16, %1;\n"
-      "cp.async.cg.shared.global [%0], [a], 16, skip;\n"
-      "}\n" ::"r"(dst),
-      "l"(src0), "r"(off));
+// The 16-byte chunk at `src0` + 16 * (off without its top bit) of each of the row's kBlocksD 128-byte halves, to
+// `dst` and `dst` + kBN * 128; off's top bit set (kNoRow): zero fill, nothing read.
+template <int kBlocksD>
+__device__ __forceinline__ void cp_async_key_row(uint32_t dst, uint64_t src0, uint32_t off) {
+  static_assert(kBlocksD == 1 || kBlocksD == 2, "head dims 64 and 128");
+  if constexpr (kBlocksD == 1) {
+    asm volatile(
+        "{\n"
+        ".reg .pred skip;\n"
+        ".reg .b32 o;\n"
+        ".reg .b64 a;\n"
+        "setp.lt.s32 skip, %2, 0;\n"
+        "and.b32 o, %2, 0x7fffffff;\n"
+        "mad.wide.u32 a, o, 16, %1;\n"
+        "cp.async.cg.shared.global [%0], [a], 16, skip;\n"
+        "}\n" ::"r"(dst),
+        "l"(src0), "r"(off));
+  } else {
+    asm volatile(
+        "{\n"
+        ".reg .pred skip;\n"
+        ".reg .b32 o;\n"
+        ".reg .b64 a;\n"
+        "setp.lt.s32 skip, %2, 0;\n"
+        "and.b32 o, %2, 0x7fffffff;\n"
+        "mad.wide.u32 a, o, 16, %1;\n"
+        "cp.async.cg.shared.global [%0], [a], 16, skip;\n"
+        "cp.async.cg.shared.global [%0+%3], [a+128], 16, skip;\n"
+        "}\n" ::"r"(dst),
+        "l"(src0), "r"(off), "n"(128 * 128));
+  }
 }
 __device__ __forceinline__ void st_shared_b32(uint32_t addr, int v) {
   asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
 }
-template <int kD, int kBN, int kUnroll, typename T>
+template <int kD, int kBN, typename T>
 __device__ __forceinline__ void gather_rows(T* tile, const T* base, int warp, int lane, uint32_t off_own) {
-  constexpr int kChunks = kD / 8, kRowsPerStep = 32 / kChunks;
-  const int ch = lane % kChunks;
-  const uint32_t dst0 = smem_u32(tile) + (ch / 8) * kBN * 128;
-  const int r0 = lane / kChunks;  // this lane's first row within the warp's 32
-  const uint64_t src0 = reinterpret_cast<uint64_t>(base + ch * 8);
-#pragma unroll kUnroll
-  for (int i = 0; i < kChunks; ++i) {
-    const int rw = r0 + i * kRowsPerStep;
-    const int r = warp * 32 + rw;
-    cp_async_row16(dst0 + r * 128 + (((ch % 8) ^ (r & 7)) << 4), src0, __shfl_sync(0xffffffffu, off_own, rw));
+  static_assert(kBN == 128, "the second half-row lies kBN * 128 bytes on");
+  const int sub = lane % 8, m = lane / 8;  // chunk within a 128-byte half-row; first row (0..3)
+  const uint64_t src0 = reinterpret_cast<uint64_t>(base) + sub * 16;
+  // Row m + 4 s: (m + 4 s) % 8 = m ^ 4 (s % 2), so chunk sub lands at (sub ^ m ^ 4 (s % 2)) * 16 in the row.
+  const uint32_t dst_even = smem_u32(tile) + (warp * 32 + m) * 128 + ((sub ^ m) << 4);
+  const uint32_t dst_odd = dst_even ^ 64;
+#pragma unroll
+  for (int s = 0; s < 8; ++s) {
+    const uint32_t off = __shfl_sync(0xffffffffu, off_own, m + 4 * s);
+    cp_async_key_row<kD / 64>((s % 2 ? dst_odd : dst_even) + s * 4 * 128, src0, off);
   }
 }
 
@@ -242,9 +262,6 @@ struct Sm90Traits {
   // 224 registers (at 216 they spill).
   static constexpr int kProducerWGs = kGather && !kIntervals ? 2 : 1;
   static constexpr int kThreads = 128 * (kConsumers + kProducerWGs);
-  // Gather loop unrolling: more independent row copies in flight per producer warp (its instruction chain is what
-  // bounds gathered tiles): 8 measured best with two producers (16 spills inside the loop), 2 with one (56 registers).
-  static constexpr int kGatherUnroll = kProducerWGs == 2 ? 8 : 2;
   static constexpr int kConsumerThreads = 128 * kConsumers;
   static constexpr int kBlocksD = kD / 64;  // 64-column (128-byte) swizzle blocks per row
   static constexpr int kQBytes = kBM * kD * 2;  // one Q tile; two are kept so the next work item's Q loads early
@@ -365,13 +382,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const int split = splits > 1 ? (int)cluster_ctarank() : 0;
   const int first_item = blockIdx.x / splits, item_stride = gridDim.x / splits;
   uint64_t* q_empty = v_empty + kStages;  // [2]
-  uint64_t* pos_empty = q_empty + 2;  // index mode: consumers are done reading a stage's key positions
   int* sPos = reinterpret_cast<int*>(base + 2 * Tr::kQBytes + 2 * kStages * Tr::kKVBytes + 256);  // [kStages][kBN]
   int* sIv = sPos + kStages * kBN;  // [kStages][kBN] query intervals of listed keys (kv_intervals)
   // Split keys: [kPartialFloats][128] partial rows of the second consumer warpgroup.
   float* sPart = reinterpret_cast<float*>(base + 2 * Tr::kQBytes + 2 * kStages * Tr::kKVBytes + 256 +
                                           Tr::kPosArrays * Tr::kPosBytes);
-  static_assert((2 + 5 * kStages) * 8 <= 192, "barriers must fit the first 192 of their 256 bytes");
+  static_assert((4 + 4 * kStages) * 8 <= 192, "barriers must fit the first 192 of their 256 bytes");
   // Index mode: per stage and producer warp, the largest key position of the warp's 32 tile rows, or INT_MAX when
   // one of them is empty (-1); published with the K tile like the positions (bytes 192-255 of the barrier block).
   int* sTileMax = reinterpret_cast<int*>(reinterpret_cast<unsigned char*>(bars) + 192);
@@ -390,7 +406,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       mbar_init(&v_full[s], kFullCount);
       mbar_init(&k_empty[s], Tr::kTileReaders);
       mbar_init(&v_empty[s], Tr::kTileReaders);
-      mbar_init(&pos_empty[s], Tr::kConsumerThreads);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
@@ -466,15 +481,14 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
             };
             // A gathered tile: each warp copies its 32 rows (their keys are its lanes' j).
             auto gather_tile = [&](T* dst, const T* base, uint32_t row_bytes, uint64_t* full) {
-              gather_rows<kD, kBN, Tr::kGatherUnroll>(dst, base, tid / 32, tid % 32, row_offset16(j, row_bytes));
+              gather_rows<kD, kBN>(dst, base, tid / 32, tid % 32, row_offset16(j, row_bytes));
               cp_async_mbar_arrive(full);
               mbar_arrive(full);
             };
             if constexpr (do_k) {
               T* dK = sK + stage * (Tr::kKVBytes / 2);
               if (kv_iter >= kStages) {
-                mbar_wait(&k_empty[stage], empty_phase);
-                mbar_wait(&pos_empty[stage], empty_phase);
+                mbar_wait(&k_empty[stage], empty_phase);  // index mode: the stage's key positions are read too
               }
               st_shared_b32(pos_u32 + (stage * kBN + tid) * 4, j);  // published by the K barrier's (release) arrivals
               {
@@ -622,7 +636,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         }
       }
     }
-    if constexpr (Tr::kIndex) mbar_arrive(&pos_empty[pos_stage]);
+    // Index mode: K's slot is released only here, once its key positions (published with K) are read as well.
+    if constexpr (Tr::kIndex) mbar_arrive(&k_empty[pos_stage]);
     const bool need_mask = !listed && (n0 + kBN > w.hi ||
                                        (p.window_right >= 0 && n0 + kBN - 1 > w.pos_min + p.window_right) ||
                                        (p.window_left >= 0 && n0 < w.pos_max - p.window_left));
@@ -709,7 +724,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         gemm_turn_end();
         wgmma_wait<0>();
         fence_operands<kBN / 2>(acc_s);
-        mbar_arrive(&k_empty[(kv_base + t_first) % kStages]);
+        if constexpr (!Tr::kIndex) mbar_arrive(&k_empty[(kv_base + t_first) % kStages]);  // index mode: in softmax
         softmax(t_first, corr);
         rescale_and_pack(corr);
         int last = t_first;  // the last tile whose P V is still to issue
@@ -721,7 +736,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           gemm_turn_end();
           wgmma_wait<1>();
           fence_operands<kBN / 2>(acc_s);
-          mbar_arrive(&k_empty[(kv_base + tile) % kStages]);
+          if constexpr (!Tr::kIndex) mbar_arrive(&k_empty[(kv_base + tile) % kStages]);
           softmax(tile, corr);
           wgmma_wait<0>();
           fence_operands<kD / 2>(acc_o);
@@ -743,7 +758,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           gemm_turn_end();
           wgmma_wait<0>();
           fence_operands<kBN / 2>(acc_s);
-          mbar_arrive(&k_empty[(kv_base + tile) % kStages]);
+          if constexpr (!Tr::kIndex) mbar_arrive(&k_empty[(kv_base + tile) % kStages]);
           softmax(tile, corr);
           rescale_and_pack(corr);
           gemm_turn_begin();
