@@ -60,7 +60,7 @@ def backends(q, k, v, causal):
     qs, ks, vs = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # bshd for sparsek
     fns = {"sparsek": lambda: sparsek.attention(qs, ks, vs, causal=causal)}
 
-    def sdpa(backend):
+    def sdpa(backend, q=q, k=k, v=v):
         def run():
             with sdpa_kernel(backend):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
@@ -69,6 +69,8 @@ def backends(q, k, v, causal):
 
     fns["sdpa-flash"] = sdpa(SDPBackend.FLASH_ATTENTION)
     fns["sdpa-cudnn"] = sdpa(SDPBackend.CUDNN_ATTENTION)
+    # cuDNN on the [B, S, H, D] memory sparsek reads (transposed views); not in the default --backends
+    fns["sdpa-cudnn-bshd"] = sdpa(SDPBackend.CUDNN_ATTENTION, *(t.transpose(1, 2) for t in (qs, ks, vs)))
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -91,7 +93,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("bench_out"))
     ap.add_argument("--quick", action="store_true", help="only the small latency shapes")
-    ap.add_argument("--backends", default="sparsek,sdpa-flash,sdpa-cudnn,flex", help="comma-separated subset")
+    ap.add_argument(
+        "--backends",
+        default="sparsek,sdpa-flash,sdpa-cudnn,flex",
+        help="comma-separated subset; also sdpa-cudnn-bshd (cuDNN on transposed views of the [B, S, H, D] inputs)",
+    )
     ap.add_argument("--head-dim", type=int, default=None, help="only the shapes with this head dimension")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
