@@ -132,37 +132,30 @@ __device__ __forceinline__ uint32_t row_offset16(int j, uint32_t row_bytes) {
   return j >= 0 ? (uint32_t)j * (row_bytes >> 4) : kNoRow;
 }
 // The 16-byte chunk at `src0` + 16 * (off without its top bit) of each of the row's kBlocksD 128-byte halves, to
-// `dst` and `dst` + kBN * 128; off's top bit set (kNoRow): zero fill, nothing read.
+// `dst` and `dst` + kBN * 128; off's top bit set (kNoRow): zero fill, nothing read. The PTX below is the copy of the
+// first half; the second half reuses its predicate and address.
+#define SPARSEK_CP_ASYNC_KEY_ROW_FIRST_HALF \
+  "{\n"                                    \
+  ".reg .pred skip;\n"                     \
+  ".reg .b32 o;\n"                         \
+  ".reg .b64 a;\n"                         \
+  "setp.lt.s32 skip, %2, 0;\n"             \
+  "and.b32 o, %2, 0x7fffffff;\n"           \
+  "mad.wide.u32 a, o, 16, %1;\n"           \
+  "cp.async.cg.shared.global [%0], [a], 16, skip;\n"
 template <int kBlocksD>
 __device__ __forceinline__ void cp_async_key_row(uint32_t dst, uint64_t src0, uint32_t off) {
   static_assert(kBlocksD == 1 || kBlocksD == 2, "head dims 64 and 128");
   if constexpr (kBlocksD == 1) {
-    asm volatile(
-        "{\n"
-        ".reg .pred skip;\n"
-        ".reg .b32 o;\n"
-        ".reg .b64 a;\n"
-        "setp.lt.s32 skip, %2, 0;\n"
-        "and.b32 o, %2, 0x7fffffff;\n"
-        "mad.wide.u32 a, o, 16, %1;\n"
-        "cp.async.cg.shared.global [%0], [a], 16, skip;\n"
-        "}\n" ::"r"(dst),
-        "l"(src0), "r"(off));
+    asm volatile(SPARSEK_CP_ASYNC_KEY_ROW_FIRST_HALF "}\n" ::"r"(dst), "l"(src0), "r"(off));
   } else {
-    asm volatile(
-        "{\n"
-        ".reg .pred skip;\n"
-        ".reg .b32 o;\n"
-        ".reg .b64 a;\n"
-        "setp.lt.s32 skip, %2, 0;\n"
-        "and.b32 o, %2, 0x7fffffff;\n"
-        "mad.wide.u32 a, o, 16, %1;\n"
-        "cp.async.cg.shared.global [%0], [a], 16, skip;\n"
-        "cp.async.cg.shared.global [%0+%3], [a+128], 16, skip;\n"
-        "}\n" ::"r"(dst),
-        "l"(src0), "r"(off), "n"(128 * 128));
+    asm volatile(SPARSEK_CP_ASYNC_KEY_ROW_FIRST_HALF
+                 "cp.async.cg.shared.global [%0+%3], [a+128], 16, skip;\n"
+                 "}\n" ::"r"(dst),
+                 "l"(src0), "r"(off), "n"(128 * 128));
   }
 }
+#undef SPARSEK_CP_ASYNC_KEY_ROW_FIRST_HALF
 __device__ __forceinline__ void st_shared_b32(uint32_t addr, int v) {
   asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
 }
