@@ -486,7 +486,14 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
               st_shared_b32(pos_u32 + (stage * kBN + tid) * 4, j);  // published by the K barrier's (release) arrivals
               {
                 const int wmax = __reduce_max_sync(0xffffffffu, j), wmin = __reduce_min_sync(0xffffffffu, j);
-                if ((tid & 31) == 0) st_shared_b32(tile_max_u32 + (stage * 4 + tid / 32) * 4, wmin < 0 ? INT_MAX : wmax);
+                // Query intervals: a row whose interval does not cover the whole work item also needs the mask.
+                bool partial = false;
+                if constexpr (Tr::kIntervals) {
+                  const int rows = min(kBM, w.sq - w.m0);
+                  partial = __any_sync(0xffffffffu, j >= 0 && ((iv & 0xffff) != 0 || (iv >> 16) < rows));
+                }
+                if ((tid & 31) == 0)
+                  st_shared_b32(tile_max_u32 + (stage * 4 + tid / 32) * 4, wmin < 0 || partial ? INT_MAX : wmax);
               }
               if constexpr (Tr::kIntervals) sIv[stage * kBN + tid] = iv;
               if (!Tr::kGather || tma_row >= 0) {  // block runs: every tile by TMA
@@ -602,9 +609,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     const int n0 = w.lo + (tile - w.n_list) * kBN;
     const int pos_stage = (kv_base + tile) % kStages;
     // A listed tile whose rows all hold keys at or below every row's limit needs no mask (block runs, and lists
-    // below the band, as block-shared SparseK selections are): one test per tile instead of one per score.
+    // below the band, as block-shared SparseK selections are; with query intervals, also every key's interval must
+    // cover the whole item, as the strong members leading each per-query union list do): one test per tile instead
+    // of one per score.
     bool listed_full = false;
-    if (Tr::kIndex && !Tr::kIntervals && listed) {
+    if (Tr::kIndex && listed) {
       const int* tm = sTileMax + pos_stage * 4;
       const int tile_max = max(max(tm[0], tm[1]), max(tm[2], tm[3]));
       listed_full = tile_max != INT_MAX &&
