@@ -272,7 +272,7 @@ def test_first_sets_equal_the_selection_kernel():
         out = torch.full((2, 2, nb, k), -5, dtype=torch.int32, device=DEV)
         cnt = torch.full((2, 2, nb), -5, dtype=torch.int32, device=DEV)
         code = lib.sk_first_sets(
-            order.data_ptr(), prefix.data_ptr(), 2, 2, sk, nb, k, off, step, out.data_ptr(), cnt.data_ptr(),
+            order.data_ptr(), prefix.data_ptr(), 2, 2, sk, nb, k, off, step, 0, out.data_ptr(), cnt.data_ptr(),
             sparse._stream(scores.device),
         )  # fmt: skip
         assert code == 0
@@ -280,3 +280,15 @@ def test_first_sets_equal_the_selection_kernel():
         assert torch.equal(cnt, ref_cnt)
         assert torch.equal(out.sort(-1).values, ref.sort(-1).values)
         assert bool(((out >= 0).sum(-1) == cnt).all())
+        # as ranks: the same selection, each key's place in the order, ascending, -1 padded
+        out_r = torch.full_like(out, -5)
+        code = lib.sk_first_sets(
+            order.data_ptr(), prefix.data_ptr(), 2, 2, sk, nb, k, off, step, 1, out_r.data_ptr(), None,
+            sparse._stream(scores.device),
+        )  # fmt: skip
+        assert code == 0
+        valid = out_r >= 0
+        assert torch.equal(valid, out >= 0)
+        assert bool((out_r[..., 1:][valid[..., 1:]] > out_r[..., :-1][valid[..., 1:]]).all())
+        keys = order.unsqueeze(2).expand(-1, -1, nb, -1).gather(-1, out_r.clamp_min(0).long())
+        assert torch.equal(torch.where(valid, keys, -1), out)

@@ -172,7 +172,7 @@ class SkTopkAttnParams(ctypes.Structure):
 
 
 #: Version of ``csrc/sparse_abi.h`` (``sk_sparse_abi_version``) these bindings expect.
-SPARSE_ABI_VERSION = 4
+SPARSE_ABI_VERSION = 5
 _BOUND: set[int] = set()
 
 
@@ -195,10 +195,11 @@ def _sparse_lib(device: torch.device) -> ctypes.CDLL:
         ]  # fmt: skip
         lib.sk_key_order.restype = ctypes.c_int
         lib.sk_interval_build.argtypes = [
-            _ptr, _ptr, _ptr, _ptr, _i32, _i32, _i32, _i32, _i32, _i32, _i64, _i64, _i32, _i32, _ptr, _ptr, _ptr, _ptr
+            _ptr, _ptr, _ptr, _ptr, _i32, _i32, _i32, _i32, _i32, _i32, _i32, _i64, _i64, _i32, _i32, _ptr, _ptr, _ptr,
+            _ptr,
         ]  # fmt: skip
         lib.sk_interval_build.restype = ctypes.c_int
-        lib.sk_first_sets.argtypes = [_ptr, _ptr, _i32, _i32, _i32, _i32, _i32, _i64, _i32, _ptr, _ptr, _ptr]
+        lib.sk_first_sets.argtypes = [_ptr, _ptr, _i32, _i32, _i32, _i32, _i32, _i64, _i32, _i32, _ptr, _ptr, _ptr]
         lib.sk_first_sets.restype = ctypes.c_int
         _BOUND.add(id(lib))
     return lib
@@ -362,11 +363,12 @@ def _sorted_keys(lib: ctypes.CDLL, scores: torch.Tensor, extra_bytes: int) -> tu
 
 
 def _interval_build(lib, scores, order, ranks, prefix, first_sets, num_sets, k, seqlen_q, off, block_size, lists,
-                    intervals, counts) -> int:  # fmt: skip
-    """Launches ``sk_interval_build`` (addresses from ``_sorted_keys``; first sets ``[B, H, nb, num_sets]``)."""
+                    intervals, counts, sets_are_ranks=False) -> int:  # fmt: skip
+    """Launches ``sk_interval_build`` (addresses from ``_sorted_keys``; first sets ``[B, H, nb, num_sets]``, keys or,
+    with ``sets_are_ranks``, the keys' ranks in ascending order as ``sk_first_sets`` writes them)."""
     b, h, nb, n = lists.shape
     return lib.sk_interval_build(
-        ranks, order, prefix, first_sets, b, h, nb, num_sets, scores.shape[2], k, seqlen_q, off, block_size, n,
+        ranks, order, prefix, first_sets, int(sets_are_ranks), b, h, nb, num_sets, scores.shape[2], k, seqlen_q, off, block_size, n,
         lists.data_ptr(), intervals.data_ptr(), counts.data_ptr(), _stream(scores.device),
     )  # fmt: skip
 
@@ -473,10 +475,12 @@ def _per_query_block_lists_cuda(scores, k, seqlen_q, off, block_size):
         return lists, intervals, counts
     with _lib.on_device(scores.device):
         _buf, order, ranks, prefix, first = _sorted_keys(lib, scores, 4 * b * h * nb * k)
-        code = lib.sk_first_sets(order, prefix, b, h, sk, nb, k, off, block_size, first, None, _stream(scores.device))
+        # first sets as ranks (ascending): the interval kernel then needs no rank lookups and no sort
+        code = lib.sk_first_sets(order, prefix, b, h, sk, nb, k, off, block_size, 1, first, None,
+                                 _stream(scores.device))  # fmt: skip
         _lib.check(lib, code, "first-query sets")
         code = _interval_build(lib, scores, order, ranks, prefix, first, k, k, seqlen_q, off, block_size, lists,
-                               intervals, counts)  # fmt: skip
+                               intervals, counts, sets_are_ranks=True)  # fmt: skip
     _lib.check(lib, code, "block interval build")
     return lists, intervals, counts
 

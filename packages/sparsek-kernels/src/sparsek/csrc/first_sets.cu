@@ -2,7 +2,8 @@
 // Block m's first query sees keys [0, L), L = clamp(off + m * step, 0, Sk); its selection is the min(k, prefix[L])
 // best keys of that range whose score is not -inf, i.e. the first entries of `order` (keys by rank, -inf keys last)
 // that lie below L. One CTA per (b, h, block) scans `order` from the best key until it has found them; the scan is
-// short for long prefixes (about k * Sk / L entries) and covers the whole order only while L < k.
+// short for long prefixes (about k * Sk / L entries) and covers the whole order only while L < k. With `as_ranks` the
+// rows hold the selected keys' ranks (their places in `order`, ascending) instead of the keys.
 #include <cuda_runtime.h>
 #include <stdint.h>
 
@@ -17,7 +18,8 @@ constexpr int kPer = 8;  // order entries per thread and round
 __global__ void __launch_bounds__(kThreads) first_sets_kernel(const int32_t* __restrict__ order,
                                                               const int32_t* __restrict__ prefix, int32_t seqlen_k,
                                                               int32_t num_blocks, int32_t k, int64_t off, int32_t step,
-                                                              int32_t* __restrict__ out, int32_t* __restrict__ counts) {
+                                                              int32_t as_ranks, int32_t* __restrict__ out,
+                                                              int32_t* __restrict__ counts) {
   __shared__ int warp_counts[kThreads / 32];
   const int64_t cta = blockIdx.x;
   const int64_t row = cta / num_blocks;  // (b, h)
@@ -60,7 +62,7 @@ __global__ void __launch_bounds__(kThreads) first_sets_kernel(const int32_t* __r
 #pragma unroll
     for (int e = 0; e < kPer; ++e) {
       if (keys[e] < L) {
-        if (pos < target) o[pos] = keys[e];
+        if (pos < target) o[pos] = as_ranks ? static_cast<int32_t>(i0 + e) : keys[e];
         ++pos;
       }
     }
@@ -72,14 +74,14 @@ __global__ void __launch_bounds__(kThreads) first_sets_kernel(const int32_t* __r
 }  // namespace sk_firstsets
 
 extern "C" int sk_first_sets(const int32_t* order, const int32_t* prefix, int32_t batch, int32_t heads,
-                             int32_t seqlen_k, int32_t num_blocks, int32_t k, int64_t off, int32_t step, int32_t* out,
-                             int32_t* counts, void* stream) {
+                             int32_t seqlen_k, int32_t num_blocks, int32_t k, int64_t off, int32_t step,
+                             int32_t as_ranks, int32_t* out, int32_t* counts, void* stream) {
   if (batch < 0 || heads < 0 || num_blocks < 0 || seqlen_k < 0 || k < 1 || step < 0) return cudaErrorInvalidValue;
   const int64_t ctas = static_cast<int64_t>(batch) * heads * num_blocks;
   if (ctas == 0) return cudaSuccess;
   if (ctas > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   sk_firstsets::first_sets_kernel<<<static_cast<unsigned>(ctas), sk_firstsets::kThreads, 0,
                                      static_cast<cudaStream_t>(stream)>>>(order, prefix, seqlen_k, num_blocks, k, off,
-                                                                          step, out, counts);
+                                                                          step, as_ranks, out, counts);
   return cudaGetLastError();
 }

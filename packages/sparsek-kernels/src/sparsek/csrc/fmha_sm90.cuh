@@ -249,11 +249,10 @@ struct Sm90Traits {
   // Split keys: the second warpgroup's partial rows (O, running max, running sum per thread), element-major.
   static constexpr int kPartialFloats = kD / 2 + 4;
   static constexpr int kPartialBytes = kSplitKeys ? 128 * kPartialFloats * 4 : 0;
-  // Token lists have two producer warpgroups: warpgroup 0 gathers K (and loads Q), the last one gathers V, so the two
-  // operands' copies are issued in parallel (PERF_NOTES s15: one warp's cp.async chain bounds a gathered tile); each
-  // warp shuffles its rows' offsets from the lanes that own them. Not with query intervals: their consumers need the
-  // 224 registers (at 216 they spill).
-  static constexpr int kProducerWGs = kGather && !kIntervals ? 2 : 1;
+  // Token lists (with or without query intervals) have two producer warpgroups: warpgroup 0 gathers K (and loads Q),
+  // the last one gathers V, so the two operands' copies are issued in parallel (PERF_NOTES s15: one warp's cp.async
+  // chain bounds a gathered tile); each warp shuffles its rows' offsets from the lanes that own them.
+  static constexpr int kProducerWGs = kGather ? 2 : 1;
   static constexpr int kThreads = 128 * (kConsumers + kProducerWGs);
   static constexpr int kConsumerThreads = 128 * kConsumers;
   static constexpr int kBlocksD = kD / 64;  // 64-column (128-byte) swizzle blocks per row

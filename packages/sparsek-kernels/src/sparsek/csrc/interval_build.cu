@@ -4,7 +4,9 @@
 //
 // One CTA per (batch, head, query block m):
 //   1. t_full = #{t < bs : finite keys in [0, clamp(l0 + t, 0, Sk)) < k}, l0 = off + m*bs.
-//   2. The ranks of S = first_sets[b, h, m, :] sorted ascending (best first) into srt[0, n_s): through a bitmap over
+//   2. The ranks of S = first_sets[b, h, m, :] sorted ascending (best first) into srt[0, n_s): copied when the rows
+//      already hold ranks in that order (sets_are_ranks: first_sets.cu's output for per_query_block_lists), else
+//      through a bitmap over
 //      the rank range [0, Sk) (keys are distinct: ranks are set once, then read back in order), or by a bitonic sort
 //      in shared memory when the bitmap would cost more or a CTA finds a repeated entry (then the sort keeps the
 //      repeats, as the reference does).
@@ -41,6 +43,7 @@ struct Args {
   int32_t* counts;            // [B, H, nb]
   int64_t off, seqlen_q;
   int32_t nb, sets, pow2, sk, k, bs, nw, n, words;  // words = 0: sort mode (no bitmap)
+  int32_t sets_are_ranks;                           // first_sets rows hold ascending ranks, -1 padded
 };
 
 __device__ __forceinline__ void bitonic_sort(int* s, int p) {
@@ -100,8 +103,19 @@ __global__ void __launch_bounds__(kThreads) interval_build_kernel(const Args a) 
 
   // 2. S's ranks, sorted ascending, into srt[0, n_s).
   int n_s = 0;
-  bool sort = a.words == 0;
-  if (!sort) {
+  bool sort = a.words == 0 && !a.sets_are_ranks;
+  if (a.sets_are_ranks) {  // already ranks, ascending: no lookup, no sort (the -1 padding follows them)
+    for (int i0 = 0; i0 < a.sets; i0 += kThreads) {
+      const int i = i0 + tid;
+      bool valid = false;
+      if (i < a.sets) {
+        const int r = fs[i];
+        valid = r >= 0 && r < sk;
+        srt[i] = valid ? r : kBig;
+      }
+      n_s += __syncthreads_count(valid);
+    }
+  } else if (!sort) {
     for (int w = tid; w < a.words; w += kThreads) bitmap[w] = 0u;
     __syncthreads();
     int repeated = 0;
@@ -247,9 +261,9 @@ std::atomic<uint64_t> g_smem_raised{0};
 }  // namespace sk_intervals
 
 extern "C" int sk_interval_build(const int32_t* ranks, const int32_t* order, const int32_t* fin_prefix,
-                                 const int32_t* first_sets, int32_t batch, int32_t heads, int32_t num_blocks,
-                                 int32_t num_sets, int32_t seqlen_k, int32_t k, int64_t seqlen_q, int64_t off,
-                                 int32_t block_size, int32_t width, int32_t* lists, int32_t* intervals,
+                                 const int32_t* first_sets, int32_t sets_are_ranks, int32_t batch, int32_t heads,
+                                 int32_t num_blocks, int32_t num_sets, int32_t seqlen_k, int32_t k, int64_t seqlen_q,
+                                 int64_t off, int32_t block_size, int32_t width, int32_t* lists, int32_t* intervals,
                                  int32_t* counts, void* stream) {
   using namespace sk_intervals;
   if (batch < 0 || heads < 0 || num_blocks < 0 || num_sets < 1 || seqlen_k < 0 || seqlen_k == kBig || k < 1 ||
@@ -272,7 +286,8 @@ extern "C" int sk_interval_build(const int32_t* ranks, const int32_t* order, con
   while ((1 << lg) < pow2) ++lg;
   const int64_t sort_cost = static_cast<int64_t>(pow2 / 2) * lg * (lg + 1) / 2 + 64 * lg * (lg + 1) / 2;
   const int64_t bitmap_cost = 3 * static_cast<int64_t>(words) + num_sets;
-  const bool bitmap = pow2 > 1 && bitmap_cost < sort_cost && base_bytes + 4 * static_cast<int64_t>(words) <= avail;
+  const bool bitmap = !sets_are_ranks && pow2 > 1 && bitmap_cost < sort_cost &&
+                      base_bytes + 4 * static_cast<int64_t>(words) <= avail;
   const int64_t bytes = base_bytes + (bitmap ? 4 * static_cast<int64_t>(words) : 0);
   if (bytes > avail) return cudaErrorInvalidValue;
   if (bytes > 48 * 1024) {
@@ -300,6 +315,7 @@ extern "C" int sk_interval_build(const int32_t* ranks, const int32_t* order, con
   a.nw = nw;
   a.n = width;
   a.words = bitmap ? words : 0;
+  a.sets_are_ranks = sets_are_ranks ? 1 : 0;
   interval_build_kernel<<<static_cast<unsigned>(ctas), kThreads, static_cast<size_t>(bytes),
                           static_cast<cudaStream_t>(stream)>>>(a);
   return cudaGetLastError();
