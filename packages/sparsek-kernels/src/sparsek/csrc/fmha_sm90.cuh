@@ -259,9 +259,9 @@ struct Sm90Traits {
   static constexpr int kQBytes = kBM * kD * 2;  // one Q tile; two are kept so the next work item's Q loads early
   static constexpr int kKVBytes = kBN * kD * 2;  // one K (or V) tile
   // Register split (setmaxnreg): the CTA starts with kLaunchRegs per thread and setmaxnreg.inc only takes what .dec
-  // released, so the split must not exceed them (it hangs otherwise). Token lists: 2*128*40 + 256*216 = 512*128;
-  // other index lists 128*56 + 256*224 = 384*168; dense 128*40 + 256*232 = 384*168; 3 consumers 128*32 + 384*160 =
-  // 512*128.
+  // released, so the split must not exceed them (it hangs otherwise). Token lists (with or without query intervals):
+  // 2*128*40 + 256*216 = 512*128; block runs 128*56 + 256*224 = 384*168; dense 128*40 + 256*232 = 384*168;
+  // 3 consumers 128*32 + 384*160 = 512*128.
   static constexpr int kProducerRegs = kConsumers == 3 ? 32 : (kIndex && kProducerWGs == 1 ? 56 : 40);
   static constexpr int kConsumerRegs = kConsumers == 3 ? 160 : (kProducerWGs == 2 ? 216 : (kIndex ? 224 : 232));
   static constexpr int kLaunchRegs = (65536 / kThreads) & ~7;
