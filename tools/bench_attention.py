@@ -19,7 +19,7 @@ from pathlib import Path
 import sparsek
 import torch
 import torch.nn.functional as F
-from sparsek.testing import cuda_graph_time_us
+from sparsek.testing import compiled_flex_attention, cuda_graph_time_us
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 SHAPES = [  # dtype, B, H, S, D, causal  (the anchor shapes of docs/benchmarks.md)
@@ -72,9 +72,9 @@ def backends(q, k, v, causal):
     # cuDNN on the [B, S, H, D] memory sparsek reads (transposed views); not in the default --backends
     fns["sdpa-cudnn-bshd"] = sdpa(SDPBackend.CUDNN_ATTENTION, *(t.transpose(1, 2) for t in (qs, ks, vs)))
     try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        from torch.nn.attention.flex_attention import create_block_mask
 
-        flex = torch.compile(flex_attention, dynamic=False)
+        flex = compiled_flex_attention()  # one recompile per shape: past Dynamo's default limit it would run eager
         bm = None
         if causal:
             bm = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, q.shape[2], k.shape[2], device="cuda")

@@ -82,6 +82,23 @@ def cuda_graph_time_us(fn: Callable[[], Any], calls: int = 20, replays: int = 30
     return statistics.median(times)
 
 
+def compiled_flex_attention(recompile_limit: int = 256) -> Callable[..., Any]:
+    """``torch.compile(flex_attention, dynamic=False)`` for benchmarks that time FlexAttention at many shapes or masks.
+
+    Each new shape or mask function recompiles it; past Dynamo's recompile limit (8 by default) the call would
+    silently run FlexAttention's unfused eager implementation, which materializes the whole score matrix. The limits
+    are raised to ``recompile_limit`` for this process (never lowered), so every configuration gets a fused kernel.
+    """
+    import torch._dynamo
+    from torch.nn.attention.flex_attention import flex_attention
+
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(cfg, name) and getattr(cfg, name) < recompile_limit:
+            setattr(cfg, name, recompile_limit)
+    return torch.compile(flex_attention, dynamic=False)
+
+
 def cuda_arch() -> str | None:
     """``"sm90"``, ``"sm100"`` etc. for the current CUDA device, or None without one."""
     if not torch.cuda.is_available():
