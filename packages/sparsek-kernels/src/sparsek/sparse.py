@@ -368,8 +368,8 @@ def _interval_build(lib, scores, order, ranks, prefix, first_sets, num_sets, k, 
     with ``sets_are_ranks``, the keys' ranks in ascending order as ``sk_first_sets`` writes them)."""
     b, h, nb, n = lists.shape
     return lib.sk_interval_build(
-        ranks, order, prefix, first_sets, int(sets_are_ranks), b, h, nb, num_sets, scores.shape[2], k, seqlen_q, off, block_size, n,
-        lists.data_ptr(), intervals.data_ptr(), counts.data_ptr(), _stream(scores.device),
+        ranks, order, prefix, first_sets, int(sets_are_ranks), b, h, nb, num_sets, scores.shape[2], k, seqlen_q, off,
+        block_size, n, lists.data_ptr(), intervals.data_ptr(), counts.data_ptr(), _stream(scores.device),
     )  # fmt: skip
 
 

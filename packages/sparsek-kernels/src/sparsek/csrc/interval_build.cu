@@ -6,10 +6,9 @@
 //   1. t_full = #{t < bs : finite keys in [0, clamp(l0 + t, 0, Sk)) < k}, l0 = off + m*bs.
 //   2. The ranks of S = first_sets[b, h, m, :] sorted ascending (best first) into srt[0, n_s): copied when the rows
 //      already hold ranks in that order (sets_are_ranks: first_sets.cu's output for per_query_block_lists), else
-//      through a bitmap over
-//      the rank range [0, Sk) (keys are distinct: ranks are set once, then read back in order), or by a bitonic sort
-//      in shared memory when the bitmap would cost more or a CTA finds a repeated entry (then the sort keeps the
-//      repeats, as the reference does).
+//      through a bitmap over the rank range [0, Sk) (keys are distinct: ranks are set once, then read back in
+//      order), or by a bitonic sort in shared memory when the bitmap would cost more or a CTA finds a repeated
+//      entry (then the sort keeps the repeats, as the reference does).
 //   3. Strong members srt[0, n_strong) go straight to the output (key = order[rank], interval = the whole block);
 //      the n_w weakest srt[n_strong, n_s) are W; N = keys l0 + s entering inside the block.
 //   4. One thread per candidate c of W ∪ N: room, the entered beaters and `until` by loops over the candidates'

@@ -35,9 +35,9 @@ int sk_topk_select(const float* scores, int64_t score_batch_stride, int64_t scor
 // Returns cudaErrorInvalidValue when the shared-memory working set (about 4 * num_sets bytes) does not fit.
 int sk_interval_build(const int32_t* ranks, const int32_t* order, const int32_t* fin_prefix,
                       const int32_t* first_sets, int32_t sets_are_ranks, int32_t batch, int32_t heads,
-                      int32_t num_blocks, int32_t num_sets,
-                      int32_t seqlen_k, int32_t k, int64_t seqlen_q, int64_t off, int32_t block_size, int32_t width,
-                      int32_t* lists, int32_t* intervals, int32_t* counts, void* stream);
+                      int32_t num_blocks, int32_t num_sets, int32_t seqlen_k, int32_t k, int64_t seqlen_q, int64_t off,
+                      int32_t block_size, int32_t width, int32_t* lists, int32_t* intervals, int32_t* counts,
+                      void* stream);
 
 // First-query selection of each block from the key order (first_sets.cu): block m of group (b, h) takes the
 // min(k, prefix[L]) best keys of [0, L), L = clamp(off + m*step, 0, Sk) -- the same set sk_topk_select returns for the
