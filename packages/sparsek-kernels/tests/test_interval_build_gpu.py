@@ -124,6 +124,40 @@ def test_interval_build_rejects_bad_inputs():
         torch.ops.sparsek.block_union_intervals(s, first, 4, 10, 0, 0)
 
 
+def test_interval_build_abi_rejects_bad_modes():
+    """sk_interval_build returns an error code (no launch) for an unknown sets_mode, and for the scan mode with a
+    first-set width other than k."""
+    scores = torch.randn(1, 2, 300, device=DEV)
+    lib = sparse._sparse_lib(scores.device)
+    buf, order, ranks, prefix, _ = sparse._sorted_keys(lib, scores, 0)
+    lists, intervals, counts = sparse._per_query_alloc(scores, 8, 300, 128)
+    for mode, sets in ((3, 8), (-1, 8), (sparse._SETS_SCAN, 9)):
+        code = sparse._interval_build(
+            lib, scores, order, ranks, prefix, None, sets, 8, 300, 1, 128, lists, intervals, counts, sets_mode=mode
+        )
+        assert code != 0, (mode, sets)
+    code = sparse._interval_build(
+        lib,
+        scores,
+        order,
+        ranks,
+        prefix,
+        None,
+        8,
+        8,
+        300,
+        1,
+        128,
+        lists,
+        intervals,
+        counts,
+        sets_mode=sparse._SETS_SCAN,
+    )
+    assert code == 0
+    torch.cuda.synchronize()
+    del buf
+
+
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("window", [0, 33])
 def test_sparsek_attention_per_query_cuda_vs_cpu(d, window):
@@ -239,11 +273,28 @@ def test_interval_build_no_sync_and_graph_replay():
     (1, 2, 1000, 700, 64, 64), (2, 1, 129, 129, 129, 64), (1, 1, 32768, 32768, 2048, 128),
 ])  # fmt: skip
 def test_per_query_block_lists_equal_the_two_step_ops(kind, b, h, sk, sq, k, bs):
-    """The fused op (key order -> first-query sets -> intervals, csrc/first_sets.cu) returns exactly what the two-step
-    path (the selection kernel's first-query sets, then the interval op) and the CPU implementation return."""
+    """The fused op (key order, then the interval kernel reading each block's first-query set off the order) returns
+    exactly what the two-step path (the selection kernel's first-query sets, then the interval op) and the CPU
+    implementation return."""
     gen = torch.Generator(device=DEV).manual_seed(zlib.crc32(f"pq{kind}{b}{h}{sk}{sq}{k}{bs}".encode()))
     scores = _scores(b, h, sk, kind, gen)
     _, off, _ = sparse.select_limits(sq, sk, causal=True, window=3, block_size=None)
+    _check_per_query_lists(scores, k, sq, off, bs)
+
+
+@pytest.mark.parametrize(("kind", "sk", "sq", "k", "off", "bs"), [
+    ("plain", 5000, 5300, 700, -300, 128), ("ties", 4097, 4087, 2048, 10, 64), ("neginf", 3000, 300, 9, 0, 1),
+    ("inf", 2000, 1500, 64, 700, 100),
+])  # fmt: skip
+def test_per_query_block_lists_odd_offsets(kind, sk, sq, k, off, bs):
+    """Blocks whose first query sees no key (negative offset), prefixes shorter than k, one-query blocks and block
+    sizes that are not a power of two: the fused op still equals the two-step path and the CPU implementation."""
+    gen = torch.Generator(device=DEV).manual_seed(zlib.crc32(f"pqo{kind}{sk}{sq}{k}{off}{bs}".encode()))
+    _check_per_query_lists(_scores(2, 2, sk, kind, gen), k, sq, off, bs)
+
+
+def _check_per_query_lists(scores, k, sq, off, bs):
+    sk = scores.shape[2]
     got = torch.ops.sparsek.per_query_block_lists(scores, k, sq, off, bs)
     nb = -(-sq // bs)
     first, _ = torch.ops.sparsek.topk_select(scores, k, nb, off, bs)
@@ -254,41 +305,3 @@ def test_per_query_block_lists_equal_the_two_step_ops(kind, b, h, sk, sq, k, bs)
         cpu = torch.ops.sparsek.per_query_block_lists(scores.cpu(), k, sq, off, bs)
         for name, g, r in zip(("lists", "intervals", "counts"), got, cpu):
             _assert_same(f"{name} (CPU)", g.cpu(), r)
-
-
-def test_first_sets_equal_the_selection_kernel():
-    """sk_first_sets lists the same keys as the selection kernel's per-key first-query rows (best first instead of by
-    position), including prefixes shorter than k and -inf keys."""
-    gen = torch.Generator(device=DEV).manual_seed(5)
-    for kind, sk, k, off, step in [
-        ("plain", 5000, 700, -300, 128),
-        ("ties", 4097, 2048, 10, 64),
-        ("neginf", 3000, 9, 0, 1),
-    ]:
-        scores = _scores(2, 2, sk, kind, gen)
-        nb = -(-(sk - max(off, 0)) // step)
-        order, _, prefix = sparse.key_order_cuda(scores)
-        lib = sparse._sparse_lib(scores.device)
-        out = torch.full((2, 2, nb, k), -5, dtype=torch.int32, device=DEV)
-        cnt = torch.full((2, 2, nb), -5, dtype=torch.int32, device=DEV)
-        code = lib.sk_first_sets(
-            order.data_ptr(), prefix.data_ptr(), 2, 2, sk, nb, k, off, step, 0, out.data_ptr(), cnt.data_ptr(),
-            sparse._stream(scores.device),
-        )  # fmt: skip
-        assert code == 0
-        ref, ref_cnt = torch.ops.sparsek.topk_select(scores, k, nb, off, step)
-        assert torch.equal(cnt, ref_cnt)
-        assert torch.equal(out.sort(-1).values, ref.sort(-1).values)
-        assert bool(((out >= 0).sum(-1) == cnt).all())
-        # as ranks: the same selection, each key's place in the order, ascending, -1 padded
-        out_r = torch.full_like(out, -5)
-        code = lib.sk_first_sets(
-            order.data_ptr(), prefix.data_ptr(), 2, 2, sk, nb, k, off, step, 1, out_r.data_ptr(), None,
-            sparse._stream(scores.device),
-        )  # fmt: skip
-        assert code == 0
-        valid = out_r >= 0
-        assert torch.equal(valid, out >= 0)
-        assert bool((out_r[..., 1:][valid[..., 1:]] > out_r[..., :-1][valid[..., 1:]]).all())
-        keys = order.unsqueeze(2).expand(-1, -1, nb, -1).gather(-1, out_r.clamp_min(0).long())
-        assert torch.equal(torch.where(valid, keys, -1), out)

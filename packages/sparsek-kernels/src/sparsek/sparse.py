@@ -172,7 +172,7 @@ class SkTopkAttnParams(ctypes.Structure):
 
 
 #: Version of ``csrc/sparse_abi.h`` (``sk_sparse_abi_version``) these bindings expect.
-SPARSE_ABI_VERSION = 5
+SPARSE_ABI_VERSION = 6
 _BOUND: set[int] = set()
 
 
@@ -199,8 +199,6 @@ def _sparse_lib(device: torch.device) -> ctypes.CDLL:
             _ptr,
         ]  # fmt: skip
         lib.sk_interval_build.restype = ctypes.c_int
-        lib.sk_first_sets.argtypes = [_ptr, _ptr, _i32, _i32, _i32, _i32, _i32, _i64, _i32, _i32, _ptr, _ptr, _ptr]
-        lib.sk_first_sets.restype = ctypes.c_int
         _BOUND.add(id(lib))
     return lib
 
@@ -362,13 +360,17 @@ def _sorted_keys(lib: ctypes.CDLL, scores: torch.Tensor, extra_bytes: int) -> tu
     return buf, order, ranks, prefix, extra
 
 
+#: ``SK_SETS_*`` of ``csrc/sparse_abi.h``: how ``sk_interval_build`` gets each block's first-query selection.
+_SETS_KEYS, _SETS_SCAN = 0, 1
+
+
 def _interval_build(lib, scores, order, ranks, prefix, first_sets, num_sets, k, seqlen_q, off, block_size, lists,
-                    intervals, counts, sets_are_ranks=False) -> int:  # fmt: skip
-    """Launches ``sk_interval_build`` (addresses from ``_sorted_keys``; first sets ``[B, H, nb, num_sets]``, keys or,
-    with ``sets_are_ranks``, the keys' ranks in ascending order as ``sk_first_sets`` writes them)."""
+                    intervals, counts, sets_mode=_SETS_KEYS) -> int:  # fmt: skip
+    """Launches ``sk_interval_build`` (addresses from ``_sorted_keys``; first sets ``[B, H, nb, num_sets]`` of keys,
+    or with ``_SETS_SCAN`` none: the kernel reads each block's set off the key order)."""
     b, h, nb, n = lists.shape
     return lib.sk_interval_build(
-        ranks, order, prefix, first_sets, int(sets_are_ranks), b, h, nb, num_sets, scores.shape[2], k, seqlen_q, off,
+        ranks, order, prefix, first_sets, sets_mode, b, h, nb, num_sets, scores.shape[2], k, seqlen_q, off,
         block_size, n, lists.data_ptr(), intervals.data_ptr(), counts.data_ptr(), _stream(scores.device),
     )  # fmt: skip
 
@@ -462,25 +464,20 @@ def _per_query_block_lists_cpu(scores, k, seqlen_q, off, block_size):
 
 @torch.library.impl(_FRAG, "per_query_block_lists", "CUDA")
 def _per_query_block_lists_cuda(scores, k, seqlen_q, off, block_size):
-    """One key order (CUB sort) serves both steps: the first-query sets are the first keys of the order below each
-    block's prefix (``csrc/first_sets.cu``), then the interval kernel builds the lists from the same order."""
+    """One key order (CUB sort) serves both steps: the interval kernel reads each block's first-query set off the
+    order (the first keys below the block's prefix) and builds the block's list from it."""
     k, block_size = _check_list_build_args(scores, k, seqlen_q, off, block_size)
     lib = _kernel_or_fallback(scores.device)
     b, h, sk = scores.shape
     if lib is None or k > INTERVAL_KERNEL_MAX_SETS or block_size > INTERVAL_KERNEL_MAX_BLOCK or sk == 0:
         return _per_query_block_lists_ops(scores, k, seqlen_q, off, block_size)
     lists, intervals, counts = _per_query_alloc(scores, k, seqlen_q, block_size)
-    nb = lists.shape[2]
     if counts.numel() == 0:
         return lists, intervals, counts
     with _lib.on_device(scores.device):
-        _buf, order, ranks, prefix, first = _sorted_keys(lib, scores, 4 * b * h * nb * k)
-        # first sets as ranks (ascending): the interval kernel then needs no rank lookups and no sort
-        code = lib.sk_first_sets(order, prefix, b, h, sk, nb, k, off, block_size, 1, first, None,
-                                 _stream(scores.device))  # fmt: skip
-        _lib.check(lib, code, "first-query sets")
-        code = _interval_build(lib, scores, order, ranks, prefix, first, k, k, seqlen_q, off, block_size, lists,
-                               intervals, counts, sets_are_ranks=True)  # fmt: skip
+        _buf, order, ranks, prefix, _ = _sorted_keys(lib, scores, 0)
+        code = _interval_build(lib, scores, order, ranks, prefix, None, k, k, seqlen_q, off, block_size, lists,
+                               intervals, counts, sets_mode=_SETS_SCAN)  # fmt: skip
     _lib.check(lib, code, "block interval build")
     return lists, intervals, counts
 

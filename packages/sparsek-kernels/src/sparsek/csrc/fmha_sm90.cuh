@@ -417,8 +417,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         // Thread index within the producer warpgroup, written so ptxas keeps it in a register (with `threadIdx.x %
         // 128` it re-read SR_TID inside the gather loop, which made the per-query path ~9% slower).
         const int tid = decltype(role)::value == 1 ? (int)threadIdx.x - 128 * (Tr::kConsumers + 1) : (int)threadIdx.x;
-        // Token-list kernels never see runs (those go to the block-runs kernel), so their tile loop drops that path.
-        const int run = Tr::kGather && !Tr::kIntervals ? 1 : (p.kv_index_run > 1 ? p.kv_index_run : 1);
+        // Gathered (token and interval) lists never see runs: those go to the block-runs kernel, and the launcher
+        // rejects intervals with runs (kErrBadIntervals). Their tile loop drops that path.
+        const int run = Tr::kGather ? 1 : (p.kv_index_run > 1 ? p.kv_index_run : 1);
         // Shared-memory addresses (32-bit): generic stores made ptxas rebuild the shared window's base every tile.
         const uint32_t pos_u32 = smem_u32(sPos), tile_max_u32 = smem_u32(sTileMax);
         int kv_iter = 0, n_items = 0;

@@ -4,15 +4,15 @@
 //
 // One CTA per (batch, head, query block m):
 //   1. t_full = #{t < bs : finite keys in [0, clamp(l0 + t, 0, Sk)) < k}, l0 = off + m*bs.
-//   2. The ranks of S = first_sets[b, h, m, :] sorted ascending (best first) into srt[0, n_s): copied when the rows
-//      already hold ranks in that order (sets_are_ranks: first_sets.cu's output for per_query_block_lists), else
-//      through a bitmap over the rank range [0, Sk) (keys are distinct: ranks are set once, then read back in
-//      order), or by a bitonic sort in shared memory when the bitmap would cost more or a CTA finds a repeated
-//      entry (then the sort keeps the repeats, as the reference does).
+//   2. The ranks of S, block m's first-query selection, sorted ascending (best first) into srt[0, n_s). By sets_mode:
+//      SK_SETS_SCAN (per_query_block_lists): read off `order` (scan_first_set), already ascending;
+//      SK_SETS_KEYS: the ranks of first_sets' keys through a bitmap over the rank range [0, Sk) (keys are distinct:
+//      ranks are set once, then read back in order), or by a bitonic sort in shared memory when the bitmap would
+//      cost more or a CTA finds a repeated entry (then the sort keeps the repeats, as the reference does).
 //   3. Strong members srt[0, n_strong) go straight to the output (key = order[rank], interval = the whole block);
 //      the n_w weakest srt[n_strong, n_s) are W; N = keys l0 + s entering inside the block.
-//   4. One thread per candidate c of W ∪ N: room, the entered beaters and `until` by loops over the candidates'
-//      ranks in shared memory; a block-wide scan compacts the kept candidates (W in rank order, then N in position
+//   4. One thread per candidate c of W ∪ N: the W members that beat it by a binary search of W's ascending ranks,
+//      the entered beaters and `until` by a loop over the N candidates' ranks in shared memory; a block-wide scan compacts the kept candidates (W in rank order, then N in position
 //      order) behind the strong members; padding and the count last.
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -29,20 +29,73 @@ constexpr int kThreads = 256;
 constexpr int kBig = 0x7fffffff;  // rank of padding / invalid candidates (every valid rank is < Sk <= kBig)
 constexpr int kShift = 16;        // INTERVAL_SHIFT
 constexpr int kMaxBlock = 1024;   // largest block_size the kernel takes
+constexpr int kScanPer = 8;       // order entries per thread and round of scan_first_set
 
 using BlockScan = cub::BlockScan<int, kThreads>;
+
+struct StaticSmem {  // all of the kernel's static shared memory: the launcher gives the rest of the opt-in to smem[]
+  typename BlockScan::TempStorage scan;
+  int warp_counts[kThreads / 32];  // scan_first_set
+};
+
+// Block m's first-query selection read off the key order. Its first query sees keys [0, L), L = clamp(off + m * bs,
+// 0, Sk), and selects the target = min(k, fin_prefix[L]) best of them whose score is not -inf, i.e. the first entries
+// of `order` (keys by rank, -inf keys last) that lie below L. The CTA scans `order` from the best key until it has
+// found them (about k * Sk / L entries for long prefixes, the whole order only while L < k) and writes their ranks,
+// ascending, to srt[0, target). Each round reads kScanPer consecutive entries per thread (independent loads in
+// flight) and places them by a warp scan plus the warps' totals. Needs a barrier before srt is read.
+__device__ __forceinline__ void scan_first_set(const int32_t* __restrict__ ord, int sk, int L, int target, int* srt,
+                                               int* warp_counts) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int found = 0;  // entries placed so far (the same in every thread)
+  for (int64_t start = 0; start < sk && found < target; start += kThreads * kScanPer) {
+    const int64_t i0 = start + static_cast<int64_t>(threadIdx.x) * kScanPer;
+    int keys[kScanPer];
+    int mine = 0;
+#pragma unroll
+    for (int e = 0; e < kScanPer; ++e) {
+      keys[e] = i0 + e < sk ? __ldg(ord + i0 + e) : sk;
+      mine += keys[e] < L;
+    }
+    int incl = mine;  // inclusive scan over the warp's lanes
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+      const int v = __shfl_up_sync(0xffffffffu, incl, d);
+      if (lane >= d) incl += v;
+    }
+    if (lane == 31) warp_counts[warp] = incl;
+    __syncthreads();
+    int before = 0, total = 0;
+#pragma unroll
+    for (int w = 0; w < kThreads / 32; ++w) {
+      const int c = warp_counts[w];
+      before += w < warp ? c : 0;
+      total += c;
+    }
+    int pos = found + before + incl - mine;
+#pragma unroll
+    for (int e = 0; e < kScanPer; ++e) {
+      if (keys[e] < L) {
+        if (pos < target) srt[pos] = static_cast<int>(i0 + e);
+        ++pos;
+      }
+    }
+    found += total;
+    __syncthreads();  // warp_counts is rewritten in the next round
+  }
+}
 
 struct Args {
   const int32_t* ranks;       // [B, H, Sk]
   const int32_t* order;       // [B, H, Sk]: key of each rank
   const int32_t* fin_prefix;  // [B, H, Sk + 1]: selectable (not -inf) keys in [0, j)
-  const int32_t* first_sets;  // [B, H, nb, K1]
+  const int32_t* first_sets;  // [B, H, nb, K1] (unused with SK_SETS_SCAN)
   int32_t* lists;             // [B, H, nb, n]
   int32_t* intervals;         // [B, H, nb, n]
   int32_t* counts;            // [B, H, nb]
   int64_t off, seqlen_q;
   int32_t nb, sets, pow2, sk, k, bs, nw, n, words;  // words = 0: sort mode (no bitmap)
-  int32_t sets_are_ranks;                           // first_sets rows hold ascending ranks, -1 padded
+  int32_t sets_mode;                                // SK_SETS_KEYS or SK_SETS_SCAN
 };
 
 __device__ __forceinline__ void bitonic_sort(int* s, int p) {
@@ -64,7 +117,8 @@ __device__ __forceinline__ void bitonic_sort(int* s, int p) {
 }
 
 __global__ void __launch_bounds__(kThreads) interval_build_kernel(const Args a) {
-  __shared__ typename BlockScan::TempStorage scan;
+  __shared__ StaticSmem st;
+  typename BlockScan::TempStorage& scan = st.scan;
   extern __shared__ __align__(16) int smem[];
   const int C = a.nw + a.bs - 1;
   int* srt = smem;                                            // [pow2] sorted ranks of S
@@ -102,18 +156,11 @@ __global__ void __launch_bounds__(kThreads) interval_build_kernel(const Args a) 
 
   // 2. S's ranks, sorted ascending, into srt[0, n_s).
   int n_s = 0;
-  bool sort = a.words == 0 && !a.sets_are_ranks;
-  if (a.sets_are_ranks) {  // already ranks, ascending: no lookup, no sort (the -1 padding follows them)
-    for (int i0 = 0; i0 < a.sets; i0 += kThreads) {
-      const int i = i0 + tid;
-      bool valid = false;
-      if (i < a.sets) {
-        const int r = fs[i];
-        valid = r >= 0 && r < sk;
-        srt[i] = valid ? r : kBig;
-      }
-      n_s += __syncthreads_count(valid);
-    }
+  bool sort = a.words == 0 && a.sets_mode == SK_SETS_KEYS;
+  if (a.sets_mode == SK_SETS_SCAN) {
+    const int L = static_cast<int>(l0 < 0 ? 0 : (l0 > sk ? sk : l0));
+    n_s = min(a.k, fp[L]);
+    scan_first_set(ord, sk, L, n_s, srt, st.warp_counts);
   } else if (!sort) {
     for (int w = tid; w < a.words; w += kThreads) bitmap[w] = 0u;
     __syncthreads();
@@ -218,8 +265,15 @@ __global__ void __launch_bounds__(kThreads) interval_build_kernel(const Args a) 
         const bool fin = fp[key64 + 1] != fp[key64];
         const int64_t lo_raw = key64 - l0 + 1;
         const int64_t lo = lo_raw < 0 ? 0 : lo_raw;
-        int beaten = 0;
-        for (int j = 0; j < a.nw; ++j) beaten += cr[j] < rc;
+        int beaten = 0, hi_w = a.nw;  // W members with a rank below rc: cr[0, nw) ascends (kBig padding last)
+        while (beaten < hi_w) {
+          const int mid = (beaten + hi_w) >> 1;
+          if (cr[mid] < rc) {
+            beaten = mid + 1;
+          } else {
+            hi_w = mid;
+          }
+        }
         const int64_t room = room0 - beaten;
         int64_t until = room > 0 ? 1 : 0;
         int entered = 0;
@@ -260,13 +314,14 @@ std::atomic<uint64_t> g_smem_raised{0};
 }  // namespace sk_intervals
 
 extern "C" int sk_interval_build(const int32_t* ranks, const int32_t* order, const int32_t* fin_prefix,
-                                 const int32_t* first_sets, int32_t sets_are_ranks, int32_t batch, int32_t heads,
+                                 const int32_t* first_sets, int32_t sets_mode, int32_t batch, int32_t heads,
                                  int32_t num_blocks, int32_t num_sets, int32_t seqlen_k, int32_t k, int64_t seqlen_q,
                                  int64_t off, int32_t block_size, int32_t width, int32_t* lists, int32_t* intervals,
                                  int32_t* counts, void* stream) {
   using namespace sk_intervals;
   if (batch < 0 || heads < 0 || num_blocks < 0 || num_sets < 1 || seqlen_k < 0 || seqlen_k == kBig || k < 1 ||
-      block_size < 1 || block_size > kMaxBlock || width < 0)
+      block_size < 1 || block_size > kMaxBlock || width < 0 || sets_mode < SK_SETS_KEYS ||
+      sets_mode > SK_SETS_SCAN || (sets_mode == SK_SETS_SCAN && num_sets != k))
     return cudaErrorInvalidValue;
   const int64_t ctas = static_cast<int64_t>(batch) * heads * num_blocks;
   if (ctas == 0) return cudaSuccess;
@@ -278,14 +333,14 @@ extern "C" int sk_interval_build(const int32_t* ranks, const int32_t* order, con
   const int words = static_cast<int>((static_cast<int64_t>(seqlen_k) + 31) / 32);
   int optin = 0;
   cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, sparsek_device::current());
-  const int64_t avail = static_cast<int64_t>(optin) - static_cast<int64_t>(sizeof(typename BlockScan::TempStorage));
+  const int64_t avail = static_cast<int64_t>(optin) - static_cast<int64_t>(sizeof(StaticSmem));
   const int64_t base_bytes = 4 * (static_cast<int64_t>(pow2) + cands + nw);
   // The bitmap costs ~3 passes over Sk/32 words; the bitonic sort ~log2(p)^2/4 passes over p ranks.
   int lg = 0;
   while ((1 << lg) < pow2) ++lg;
   const int64_t sort_cost = static_cast<int64_t>(pow2 / 2) * lg * (lg + 1) / 2 + 64 * lg * (lg + 1) / 2;
   const int64_t bitmap_cost = 3 * static_cast<int64_t>(words) + num_sets;
-  const bool bitmap = !sets_are_ranks && pow2 > 1 && bitmap_cost < sort_cost &&
+  const bool bitmap = sets_mode == SK_SETS_KEYS && pow2 > 1 && bitmap_cost < sort_cost &&
                       base_bytes + 4 * static_cast<int64_t>(words) <= avail;
   const int64_t bytes = base_bytes + (bitmap ? 4 * static_cast<int64_t>(words) : 0);
   if (bytes > avail) return cudaErrorInvalidValue;
@@ -314,7 +369,7 @@ extern "C" int sk_interval_build(const int32_t* ranks, const int32_t* order, con
   a.nw = nw;
   a.n = width;
   a.words = bitmap ? words : 0;
-  a.sets_are_ranks = sets_are_ranks ? 1 : 0;
+  a.sets_mode = sets_mode;
   interval_build_kernel<<<static_cast<unsigned>(ctas), kThreads, static_cast<size_t>(bytes),
                           static_cast<cudaStream_t>(stream)>>>(a);
   return cudaGetLastError();

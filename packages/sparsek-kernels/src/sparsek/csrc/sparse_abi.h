@@ -1,4 +1,4 @@
-// C ABI of sparsek's sparse-attention kernels (sparse_select.cu, key_order.cu, first_sets.cu, interval_build.cu,
+// C ABI of sparsek's sparse-attention kernels (sparse_select.cu, key_order.cu, interval_build.cu,
 // topk_attention.cu). Keep in sync
 // with sparsek/sparse.py (ctypes). All functions return 0 (cudaSuccess) or a cudaError_t; they never abort and launch on
 // the stream passed in.
@@ -27,26 +27,21 @@ int sk_topk_select(const float* scores, int64_t score_batch_stride, int64_t scor
 // sparsek.selection_intervals.block_union_intervals, with identical outputs. One CTA per (b, h, block m).
 // Inputs (int32, contiguous): ranks [B, H, Sk] (selection rank of each key, 0 = best), order [B, H, Sk] (key of each
 // rank), fin_prefix [B, H, Sk + 1] (number of keys with a score other than -inf in [0, j)), first_sets
-// [B, H, num_blocks, num_sets] (block m's first-query selection, -1 padded, distinct keys in [0, Sk): entries outside
-// [0, Sk) count as padding; with sets_are_ranks != 0 the rows hold the selected keys' ranks instead, ascending, as
-// sk_first_sets writes them with as_ranks). Query i of the block selects among keys [0, clamp(off + i, 0, Sk)).
+// [B, H, num_blocks, num_sets] (block m's first-query selection), read as sets_mode says:
+//   SK_SETS_KEYS: -1 padded rows of distinct keys in [0, Sk) (entries outside [0, Sk) count as padding);
+//   SK_SETS_SCAN: first_sets is not read (may be null; num_sets must equal k): each CTA reads its block's selection,
+//   the min(k, fin_prefix[L]) best keys of [0, L), L = clamp(off + m * block_size, 0, Sk), off `order` itself.
+// Query i of the block selects among keys [0, clamp(off + i, 0, Sk)).
 // Output: lists and intervals [B, H, num_blocks, width] (intervals lo | hi << 16), counts [B, H, num_blocks];
 // width = min(num_sets + min(block_size - 1, k) + block_size - 1, k + block_size - 1). 1 <= block_size <= 1024.
 // Returns cudaErrorInvalidValue when the shared-memory working set (about 4 * num_sets bytes) does not fit.
+#define SK_SETS_KEYS 0
+#define SK_SETS_SCAN 1
 int sk_interval_build(const int32_t* ranks, const int32_t* order, const int32_t* fin_prefix,
-                      const int32_t* first_sets, int32_t sets_are_ranks, int32_t batch, int32_t heads,
+                      const int32_t* first_sets, int32_t sets_mode, int32_t batch, int32_t heads,
                       int32_t num_blocks, int32_t num_sets, int32_t seqlen_k, int32_t k, int64_t seqlen_q, int64_t off,
                       int32_t block_size, int32_t width, int32_t* lists, int32_t* intervals, int32_t* counts,
                       void* stream);
-
-// First-query selection of each block from the key order (first_sets.cu): block m of group (b, h) takes the
-// min(k, prefix[L]) best keys of [0, L), L = clamp(off + m*step, 0, Sk) -- the same set sk_topk_select returns for the
-// per-key case, listed best first instead of by position. order/prefix as sk_key_order writes them. Output: out
-// [B, H, num_blocks, k] int32 (-1 padded; with as_ranks != 0 the keys' ranks, ascending, instead of the keys),
-// counts [B, H, num_blocks] (may be null).
-int sk_first_sets(const int32_t* order, const int32_t* prefix, int32_t batch, int32_t heads, int32_t seqlen_k,
-                  int32_t num_blocks, int32_t k, int64_t off, int32_t step, int32_t as_ranks, int32_t* out,
-                  int32_t* counts, void* stream);
 
 // Selection order, ranks and selectable prefix of per-key scores (key_order.cu): the CUDA version of
 // sparsek.selection_intervals.key_order_and_ranks and selectable_prefix, i.e. the inputs of sk_interval_build, for

@@ -480,7 +480,7 @@ inline int rows_per_cta_override() {
 
 }  // namespace sk_sparse
 
-extern "C" int sk_sparse_abi_version(void) { return 5; }
+extern "C" int sk_sparse_abi_version(void) { return 6; }
 
 extern "C" int sk_topk_select(const float* scores, int64_t score_batch_stride, int64_t score_head_stride,
                               int64_t score_row_stride, int32_t batch, int32_t heads, int32_t rows, int32_t seqlen_k,
