@@ -16,6 +16,9 @@ TFLOP/s count only the kept (query, key) pairs: ``4 * D * Hq * pairs``. Sizes th
     python packages/sparsek-kernels/benchmarks/bench_sparse.py --out bench_out --target   # the issue's target only
 
 Writes ``DIR/bench_sparse.md`` (table + environment) and ``DIR/bench_sparse.png`` (if matplotlib is installed).
+A sweep split over several processes (``--seqlens``) is joined into one report, without a GPU, by
+
+    python packages/sparsek-kernels/benchmarks/bench_sparse.py --out bench_out --merge run1/bench_sparse.md run2/...
 """
 
 from __future__ import annotations
@@ -241,22 +244,58 @@ class Runner:
 
 
 def write_report(runner: Runner, out: Path, args: argparse.Namespace) -> None:
-    out.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.get_device_name()
-    lines = [
-        "# sparsek sparse attention benchmark",
-        "",
+    header = [
         f"- GPU: {gpu}; torch {torch.__version__}; CUDA {torch.version.cuda}; sparsek {sparsek.__version__}",
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
         f"- shape: B=1, H={args.heads} (MHA), D={args.d}, dtype {str(args.dtype).removeprefix('torch.')}; "
         f"window {args.window}; block 128; median of {args.iters} calls queued back to back (CUDA events per call) "
         f"after {args.warmup} warmup",
         "- TFLOP/s on kept (query, key) pairs only; speedup vs dense causal SDPA cuDNN at the same S",
+    ]
+    write_rows(runner.rows, header, gpu, out)
+
+
+def read_report(path: Path) -> tuple[list[str], list[dict]]:
+    """The header lines (``- ...``) and the rows of a report that ``write_report`` wrote."""
+    header, rows = [], []
+    for line in path.read_text().splitlines():
+        if line.startswith("- "):
+            header.append(line)
+        elif line.startswith(("| sparsek |", "| block-sparse |")):
+            c = [x.strip() for x in line.strip().strip("|").split("|")]
+            sp = float(c[6].removesuffix("x")) if c[6] else float("nan")
+            rows.append(
+                dict(sweep=c[0], S=int(c[1]), param=c[2], impl=c[3], us=float(c[4]), tflops=float(c[5]), speedup=sp)
+            )
+    return header, rows
+
+
+def merge_reports(paths: list[Path], out: Path) -> None:
+    """One report from several runs' reports: the SparseK rows of every run in the order given, then their
+    block-sparse rows; the first run's header, with every run's date."""
+    reports = [read_report(p) for p in paths]
+    header = list(reports[0][0])
+    dates = [line.removeprefix("- date: ") for h, _ in reports for line in h if line.startswith("- date: ")]
+    header = [
+        f"- date: {', '.join(dates)} (merged from {len(paths)} runs)" if h.startswith("- date: ") else h for h in header
+    ]
+    gpu = header[0].removeprefix("- GPU: ").split(";")[0]
+    rows = [r for sweep in ("sparsek", "block-sparse") for _, rs in reports for r in rs if r["sweep"] == sweep]
+    write_rows(rows, header, gpu, out)
+
+
+def write_rows(rows: list[dict], header: list[str], gpu: str, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "# sparsek sparse attention benchmark",
+        "",
+        *header,
         "",
         "| sweep | S | budget / density | implementation | time (us) | TFLOP/s (kept) | speedup vs cuDNN |",
         "|---|---|---|---|---|---|---|",
     ]
-    for r in runner.rows:
+    for r in rows:
         sp = "" if math.isnan(r["speedup"]) else f"{r['speedup']:.2f}x"
         lines.append(
             f"| {r['sweep']} | {r['S']} | {r['param']} | {r['impl']} | {r['us']:.1f} | {r['tflops']:.1f} | {sp} |"
@@ -273,9 +312,9 @@ def write_report(runner: Runner, out: Path, args: argparse.Namespace) -> None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for ax, sweep in ((axes[0], "sparsek"), (axes[1], "block-sparse")):
-        impls = sorted({r["impl"] for r in runner.rows if r["sweep"] == sweep})
+        impls = sorted({r["impl"] for r in rows if r["sweep"] == sweep})
         for impl in impls:
-            pts = [r for r in runner.rows if r["sweep"] == sweep and r["impl"] == impl]
+            pts = [r for r in rows if r["sweep"] == sweep and r["impl"] == impl]
             if sweep == "sparsek":
                 for budget in sorted({r["param"] for r in pts}):
                     sub = [r for r in pts if r["param"] == budget]
@@ -314,7 +353,11 @@ def main() -> None:
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention (no torch.compile)")
     p.add_argument("--target", action="store_true", help="only the issue's target: S=32768, k=2048, densities")
     p.add_argument("--skip-block-sparse", action="store_true")
+    p.add_argument("--merge", type=Path, nargs="+", help="join these reports into --out (no benchmark is run)")
     args = p.parse_args()
+    if args.merge:
+        merge_reports(args.merge, args.out)
+        return
     args.dtype = getattr(torch, args.dtype)
     if args.target:
         args.seqlens, args.budgets = [32768], [2048]
