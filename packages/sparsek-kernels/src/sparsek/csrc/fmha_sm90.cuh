@@ -59,6 +59,21 @@ __device__ __forceinline__ void cp_async_mbar_arrive(uint64_t* bar) {
 }
 // Orders generic-proxy shared-memory writes (cp.async) before the async proxy (wgmma) reads them.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+__device__ __forceinline__ void st_shared_b32(uint32_t addr, uint32_t v) {
+  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
+__device__ __forceinline__ uint4 ld_shared_v4(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(addr)
+               : "memory");
+  return v;
+}
+__device__ __forceinline__ void st_global_v4(void* ptr, uint4 v) {
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(ptr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+               : "memory");
+}
 
 __device__ __forceinline__ void tma_load_4d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1, int c2,
                                             int c3) {
@@ -706,6 +721,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     if (wg == Tr::kConsumers) asm volatile("bar.arrive 1, 256;\n" ::: "memory");  // warpgroup 1 issues first
   }
 
+  // The epilogue stages O in the Q buffer where O's base and strides allow 16-byte stores (not with split keys: both
+  // warpgroups share those rows); Q is released after the epilogue.
+  constexpr bool kStageO = !Tr::kSplitKeys;
+  const bool o_aligned16 =
+      ((reinterpret_cast<uintptr_t>(p.o) | (uintptr_t)((p.o_row_stride | p.o_batch_stride | p.o_head_stride) *
+                                                       (int64_t)sizeof(T))) & 15) == 0;
   int n_items = 0;
   for (int item = first_item; item < num_items; item += item_stride) {
     w = work_tile<kBM, kBN>(p, item, num_m, split, splits);
@@ -746,7 +767,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           rescale_and_pack(corr);
           last = tile;
         }
-        mbar_arrive(&q_empty[n_items & 1]);  // every S GEMM of this item has completed: Q may be overwritten
+        // Every S GEMM of this item has completed: Q may be overwritten (unless the epilogue stages O in it).
+        if constexpr (!kStageO) mbar_arrive(&q_empty[n_items & 1]);
         gemm_turn_begin();
         issue_pv_tile(last);
         gemm_turn_end();
@@ -770,10 +792,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           fence_operands<kD / 2>(acc_o);
           mbar_arrive(&v_empty[(kv_base + tile) % kStages]);
         }
-        mbar_arrive(&q_empty[n_items & 1]);
+        if constexpr (!kStageO) mbar_arrive(&q_empty[n_items & 1]);
       }
     } else {
-      mbar_arrive(&q_empty[n_items & 1]);
+      if constexpr (!kStageO) mbar_arrive(&q_empty[n_items & 1]);
     }
     if constexpr (Tr::kSplitKeys) {
       // The second warpgroup hands its partial rows (same thread = same elements) to the first, which merges them
@@ -871,26 +893,63 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         }
       }
       cluster_sync();  // no CTA leaves while another still reads its shared memory
+      if constexpr (kStageO) mbar_arrive(&q_empty[n_items & 1]);
       kv_base += w.n_tiles;
       ++n_items;
       continue;
     }
     const float inv[2] = {row_sum[0] > 0.f ? 1.f / row_sum[0] : 0.f, row_sum[1] > 0.f ? 1.f / row_sum[1] : 0.f};
+    if (kStageO && o_aligned16) {
+      // Each warp writes its 16 rows of O into its rows of the item's Q buffer (dead once this warpgroup's S GEMMs are
+      // done; the other warpgroups read only their own rows), 16-byte units XOR-swizzled by row (conflict-free), and
+      // reads them back as whole-row chunks: every global store then covers full 32-byte sectors (the fragment's
+      // 4-byte stores wrote each sector in two halves).
+      const uint32_t stage = smem_u32(sQc);
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int row = w.m0 + r0 + 8 * r;
-      if (row < w.sq) {
-        T* orow = obase + (int64_t)row * p.o_row_stride;
+      for (int r = 0; r < 2; ++r) {
+        const int rr = r0 + 8 * r;
 #pragma unroll
-        for (int dt = 0; dt < kDT; ++dt) {
-          *reinterpret_cast<uint32_t*>(orow + dt * 8 + 2 * t4) =
-              Pack2<T>::pack(acc_o[dt * 4 + 2 * r] * inv[r], acc_o[dt * 4 + 2 * r + 1] * inv[r]);
-        }
-        if (p.lse && t4 == 0) {
-          p.lse[w.b * p.lse_batch_stride + w.h * p.lse_head_stride + w.q_start + row] =
-              row_lse(row_max[r], row_sum[r]);
+        for (int dt = 0; dt < kDT; ++dt)
+          st_shared_b32(stage + (dt >> 3) * (kBM * 128) + rr * 128 + (((dt & 7) ^ (rr & 7)) << 4) + 4 * t4,
+                        Pack2<T>::pack(acc_o[dt * 4 + 2 * r] * inv[r], acc_o[dt * 4 + 2 * r + 1] * inv[r]));
+      }
+      __syncwarp();
+      constexpr int kRowsPerPass = 32 / kDT;  // rows of 16-byte units one warp instruction covers
+      const int unit = lane % kDT;
+#pragma unroll
+      for (int i = 0; i < 16 / kRowsPerPass; ++i) {
+        const int rr = wrow + warp * 16 + i * kRowsPerPass + lane / kDT;
+        const uint4 val = ld_shared_v4(stage + (unit >> 3) * (kBM * 128) + rr * 128 + (((unit & 7) ^ (rr & 7)) << 4));
+        const int row = w.m0 + rr;
+        if (row < w.sq) st_global_v4(obase + (int64_t)row * p.o_row_stride + unit * 8, val);
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = w.m0 + r0 + 8 * r;
+        if (p.lse && t4 == 0 && row < w.sq)
+          p.lse[w.b * p.lse_batch_stride + w.h * p.lse_head_stride + w.q_start + row] = row_lse(row_max[r], row_sum[r]);
+      }
+    } else {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = w.m0 + r0 + 8 * r;
+        if (row < w.sq) {
+          T* orow = obase + (int64_t)row * p.o_row_stride;
+#pragma unroll
+          for (int dt = 0; dt < kDT; ++dt) {
+            *reinterpret_cast<uint32_t*>(orow + dt * 8 + 2 * t4) =
+                Pack2<T>::pack(acc_o[dt * 4 + 2 * r] * inv[r], acc_o[dt * 4 + 2 * r + 1] * inv[r]);
+          }
+          if (p.lse && t4 == 0) {
+            p.lse[w.b * p.lse_batch_stride + w.h * p.lse_head_stride + w.q_start + row] =
+                row_lse(row_max[r], row_sum[r]);
+          }
         }
       }
+    }
+    if constexpr (kStageO) {
+      fence_proxy_async();  // generic accesses to this Q buffer come before the next TMA load into it
+      mbar_arrive(&q_empty[n_items & 1]);
     }
     kv_base += w.n_tiles;
     ++n_items;
