@@ -468,8 +468,7 @@ def _per_query_block_lists_cuda(scores, k, seqlen_q, off, block_size):
     order (the first keys below the block's prefix) and builds the block's list from it."""
     k, block_size = _check_list_build_args(scores, k, seqlen_q, off, block_size)
     lib = _kernel_or_fallback(scores.device)
-    b, h, sk = scores.shape
-    if lib is None or k > INTERVAL_KERNEL_MAX_SETS or block_size > INTERVAL_KERNEL_MAX_BLOCK or sk == 0:
+    if lib is None or k > INTERVAL_KERNEL_MAX_SETS or block_size > INTERVAL_KERNEL_MAX_BLOCK or scores.shape[2] == 0:
         return _per_query_block_lists_ops(scores, k, seqlen_q, off, block_size)
     lists, intervals, counts = _per_query_alloc(scores, k, seqlen_q, block_size)
     if counts.numel() == 0:

@@ -12,8 +12,9 @@
 //   3. Strong members srt[0, n_strong) go straight to the output (key = order[rank], interval = the whole block);
 //      the n_w weakest srt[n_strong, n_s) are W; N = keys l0 + s entering inside the block.
 //   4. One thread per candidate c of W ∪ N: the W members that beat it by a binary search of W's ascending ranks,
-//      the entered beaters and `until` by a loop over the N candidates' ranks in shared memory; a block-wide scan compacts the kept candidates (W in rank order, then N in position
-//      order) behind the strong members; padding and the count last.
+//      the entered beaters and `until` by a loop over the N candidates' ranks in shared memory; a block-wide scan
+//      compacts the kept candidates (W in rank order, then N in position order) behind the strong members; padding
+//      and the count last.
 #include <cuda_runtime.h>
 #include <stdint.h>
 
