@@ -129,7 +129,7 @@ def test_interval_build_abi_rejects_bad_modes():
     first-set width other than k."""
     scores = torch.randn(1, 2, 300, device=DEV)
     lib = sparse._sparse_lib(scores.device)
-    buf, order, ranks, prefix, _ = sparse._sorted_keys(lib, scores, 0)
+    buf, order, ranks, prefix = sparse._sorted_keys(lib, scores)
     lists, intervals, counts = sparse._per_query_alloc(scores, 8, 300, 128)
     for mode, sets in ((3, 8), (-1, 8), (sparse._SETS_SCAN, 9)):
         code = sparse._interval_build(

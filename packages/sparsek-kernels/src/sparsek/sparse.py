@@ -338,26 +338,25 @@ def _block_union_intervals_cpu(scores, first_sets, k, seqlen_q, off, block_size)
     return block_union_intervals(scores, first_sets, k, seqlen_q, off, block_size)
 
 
-def _sorted_keys(lib: ctypes.CDLL, scores: torch.Tensor, extra_bytes: int) -> tuple[torch.Tensor, int, int, int, int]:
+def _sorted_keys(lib: ctypes.CDLL, scores: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     """Runs ``sk_key_order`` on ``scores`` (call on their device) into one new buffer laid out as the int32 key order,
-    ranks and selectable prefix, ``extra_bytes`` for the caller, then the sort workspace. Returns the buffer (keep it
-    until the kernels that read it are enqueued) and the addresses of order, ranks, prefix and the extra part."""
+    ranks and selectable prefix, then the sort workspace. Returns the buffer (keep it until the kernels that read it
+    are enqueued) and the addresses of order, ranks and prefix."""
     b, h, sk = scores.shape
     dev = scores.device
     s, dtype = _key_order_scores(scores)
     rows = b * h
-    n_keys, n_prefix, n_extra = _align(4 * rows * sk), _align(4 * rows * (sk + 1)), _align(extra_bytes)
+    n_keys, n_prefix = _align(4 * rows * sk), _align(4 * rows * (sk + 1))
     ws_bytes = _key_order_workspace(lib, dev, rows, sk, dtype)
-    buf = torch.empty(2 * n_keys + n_prefix + n_extra + ws_bytes, dtype=torch.uint8, device=dev)
+    buf = torch.empty(2 * n_keys + n_prefix + ws_bytes, dtype=torch.uint8, device=dev)
     order = buf.data_ptr()
     ranks, prefix = order + n_keys, order + 2 * n_keys
-    extra = prefix + n_prefix
     code = lib.sk_key_order(
-        s.data_ptr(), dtype, s.stride(0), s.stride(1), s.stride(2), b, h, sk, order, ranks, prefix, extra + n_extra,
+        s.data_ptr(), dtype, s.stride(0), s.stride(1), s.stride(2), b, h, sk, order, ranks, prefix, prefix + n_prefix,
         ws_bytes, _stream(dev),
     )  # fmt: skip
     _lib.check(lib, code, "key order")
-    return buf, order, ranks, prefix, extra
+    return buf, order, ranks, prefix
 
 
 #: ``SK_SETS_*`` of ``csrc/sparse_abi.h``: how ``sk_interval_build`` gets each block's first-query selection.
@@ -387,7 +386,7 @@ def _block_union_intervals_cuda(scores, first_sets, k, seqlen_q, off, block_size
         return lists, intervals, counts
     fs = first_sets if first_sets.is_contiguous() else first_sets.contiguous()
     with _lib.on_device(scores.device):
-        _buf, order, ranks, prefix, _ = _sorted_keys(lib, scores, 0)
+        _buf, order, ranks, prefix = _sorted_keys(lib, scores)
         code = _interval_build(lib, scores, order, ranks, prefix, fs.data_ptr(), sets, k, seqlen_q, off, block_size,
                                lists, intervals, counts)  # fmt: skip
     _lib.check(lib, code, "block interval build")
@@ -435,7 +434,7 @@ def key_order_cuda(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
         raise ValueError(f"scores of shape {tuple(scores.shape)} are too large")
     lib = _sparse_lib(scores.device)
     with _lib.on_device(scores.device):
-        buf, order, ranks, prefix, _ = _sorted_keys(lib, scores, 0)
+        buf, order, ranks, prefix = _sorted_keys(lib, scores)
 
     def part(addr: int, shape: tuple[int, ...]) -> torch.Tensor:  # int32 view of the buffer at ``addr``
         at = addr - buf.data_ptr()
@@ -474,7 +473,7 @@ def _per_query_block_lists_cuda(scores, k, seqlen_q, off, block_size):
     if counts.numel() == 0:
         return lists, intervals, counts
     with _lib.on_device(scores.device):
-        _buf, order, ranks, prefix, _ = _sorted_keys(lib, scores, 0)
+        _buf, order, ranks, prefix = _sorted_keys(lib, scores)
         code = _interval_build(lib, scores, order, ranks, prefix, None, k, k, seqlen_q, off, block_size, lists,
                                intervals, counts, sets_mode=_SETS_SCAN)  # fmt: skip
     _lib.check(lib, code, "block interval build")
