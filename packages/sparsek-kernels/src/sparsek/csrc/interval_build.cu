@@ -135,7 +135,7 @@ __global__ void __launch_bounds__(kThreads) interval_build_kernel(const Args a) 
   const int32_t* rk = a.ranks + bh * sk;
   const int32_t* ord = a.order + bh * sk;
   const int32_t* fp = a.fin_prefix + bh * (static_cast<int64_t>(sk) + 1);
-  const int32_t* fs = a.first_sets + cta * a.sets;
+  const int32_t* fs = a.sets_mode == SK_SETS_KEYS ? a.first_sets + cta * a.sets : nullptr;  // null with SK_SETS_SCAN
   int32_t* out_l = a.lists + cta * a.n;
   int32_t* out_i = a.intervals + cta * a.n;
   const int64_t l0 = a.off + static_cast<int64_t>(m) * a.bs;  // unclamped prefix of the block's first query
