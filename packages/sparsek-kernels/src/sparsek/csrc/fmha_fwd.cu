@@ -167,6 +167,16 @@ static bool sm90_split_keys(const SkFmhaParams& p, int kBN) {
   return items64 > 0 && items64 <= num_sms() && n_kv >= 2 && sm90_split_start(items128, n_kv) <= 2;
 }
 
+// Split keys with one full 256-key tile per warpgroup (wgmma n256; not pipelined: with the pipeline's registers S of
+// 256 keys does not fit) instead of a chain of two 128-key tiles each: head dim 64, exactly 512 keys, no mask. H200,
+// 2026-12-02, graph of 20 calls, µs: fp16 1,8,512,64 6.65-6.71 -> 6.14-6.21, bf16 6.59-6.68 -> 6.12-6.15, 128 queries
+// x 512 keys 6.51-6.57 -> 5.91-5.96; slower wherever the second tile is partly empty or masked (384 keys 6.04-6.14 ->
+// 7.43-7.53, 300 keys 6.40-6.54 -> 6.72-6.79; causal 512 unchanged), so it is used for unmasked full tiles only.
+static bool sm90_split_keys_256(const SkFmhaParams& p) {
+  return p.head_dim == 64 && p.seqlen_k == 512 && p.cu_seqlens_k == nullptr && p.window_left < 0 &&
+         p.window_right < 0;
+}
+
 // SPARSEK_PDL=0 turns off programmatic dependent launch of the Hopper kernel (default on): with it, the next kernel
 // on the stream may start its prologue while this one finishes, and this one waits (`griddepcontrol.wait`) for
 // the previous kernel's memory before its first global access.
@@ -292,6 +302,7 @@ static bool dispatch_sm90(const SkFmhaParams& p, cudaStream_t stream, cudaError_
   // Small grids: two warpgroups on alternate key tiles of one 64-row query block (pipelined, no ping-pong: each
   // warpgroup's chain of dependent tiles is what bounds these shapes).
   if ((p.head_dim == 64 || p.head_dim == 128) && sm90_split_keys(p, 128)) {
+    if (sm90_split_keys_256(p)) return try_launch_sm90<64, 256, 2, T, 0, false, 2, false, true>(p, stream, err);
     return p.head_dim == 64 ? try_launch_sm90<64, 128, 4, T, 1, false, 2, false, true>(p, stream, err)
                             : try_launch_sm90<128, 128, 2, T, 1, false, 2, false, true>(p, stream, err);
   }
