@@ -77,7 +77,7 @@ def test_split_kv_small_grids(dtype, b, sq, h, sk, d, causal, window):
         (1, 512, 8, 512, 64, False, None),  # the latency shape: 64 blocks of 64 rows, one 256-key tile per warpgroup
         (1, 512, 8, 512, 64, True, None),
         (1, 1, 8, 512, 64, False, None),  # one query row
-        (1, 130, 5, 383, 64, True, None),  # 256-key tiles, the second one partly past the last key
+        (1, 130, 5, 383, 64, True, None),  # three 128-key tiles, the last one key short (not the 256-key kernel)
         (1, 896, 4, 896, 128, False, None),  # 7 key tiles: 4 for the first warpgroup, 3 for the second
         (1, 200, 4, 130, 128, True, None),  # the second warpgroup's only tile holds 2 keys; first rows see none
         (2, 100, 3, 257, 64, False, (10, 0)),  # sliding window: the second warpgroup's tiles are masked for most rows

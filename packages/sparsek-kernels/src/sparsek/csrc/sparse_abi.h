@@ -1,7 +1,6 @@
 // C ABI of sparsek's sparse-attention kernels (sparse_select.cu, key_order.cu, interval_build.cu,
-// topk_attention.cu). Keep in sync
-// with sparsek/sparse.py (ctypes). All functions return 0 (cudaSuccess) or a cudaError_t; they never abort and launch on
-// the stream passed in.
+// topk_attention.cu). Keep in sync with sparsek/sparse.py (ctypes). All functions return 0 (cudaSuccess) or a
+// cudaError_t; they never abort and launch on the stream passed in.
 #pragma once
 #include <stdint.h>
 
