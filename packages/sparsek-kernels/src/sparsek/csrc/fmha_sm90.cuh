@@ -416,6 +416,20 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
+  // Dense and not varlen, the first work item follows from the kernel parameters alone, so the TMA-issuing thread
+  // computes its coordinates (a chain of integer divisions by run-time sizes, ~0.7 us at 1,8,512,64 by in-kernel
+  // clock stamps) before griddepcontrol.wait, where programmatic dependent launch overlaps them with the previous
+  // kernel. The empty asm keeps the compiler from sinking them below the wait.
+  // Only in the split-keys kernels (small grids, one item per CTA): in the others the change moved ptxas's schedule of
+  // the unchanged tile loop (head dim 64: 830 -> 954 instructions), which PERF_NOTES v29 found can cost more.
+  const bool first_early = Tr::kSplitKeys && p.kv_indices == nullptr && p.cu_seqlens_q == nullptr &&
+                           p.cu_seqlens_k == nullptr;
+  WorkTile w_first{};
+  if (first_early && tid == 0) {
+    w_first = work_tile<kBM, kBN>(p, first_item, num_m, split, splits);
+    asm volatile("" : "+r"(w_first.b), "+r"(w_first.h), "+r"(w_first.m0), "+r"(w_first.off), "+r"(w_first.pos_min),
+                 "+r"(w_first.pos_max), "+r"(w_first.lo), "+r"(w_first.hi), "+r"(w_first.n_tiles));
+  }
   __syncthreads();
   // Programmatic dependent launch (a no-op without it): let the next kernel on the stream start its prologue, and
   // wait for the previous kernel's memory before the first global access (sequence lengths, lists, Q/K/V, O).
@@ -539,7 +553,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     } else if (tid == 0) {
       int kv_iter = 0, n_items = 0;  // K/V tiles and work items loaded so far by this CTA
       for (int item = first_item; item < num_items; item += item_stride) {
-        const WorkTile w = work_tile<kBM, kBN>(p, item, num_m, split, splits);
+        const WorkTile w =
+            first_early && item == first_item ? w_first : work_tile<kBM, kBN>(p, item, num_m, split, splits);
         if (!w.valid) continue;
         const int hk = w.h / group;
         const int qb = p.cu_seqlens_q ? 0 : w.b, kb = p.cu_seqlens_k ? 0 : w.b;
