@@ -262,7 +262,7 @@ struct Sm90Traits {
   // Each K/V tile is read by every consumer warpgroup, or (split keys) by one.
   static constexpr int kTileReaders = kSplitKeys ? 128 : 128 * kConsumers;
   // Split keys: the second warpgroup's partial rows (O, running max, running sum per thread), element-major.
-  static constexpr int kPartialFloats = kD / 2 + 4;
+  static constexpr int kPartialFloats = kD / 2 + 8;  // per thread: half of O and the row max and sum, twice
   static constexpr int kPartialBytes = kSplitKeys ? 128 * kPartialFloats * 4 : 0;
   // Token lists (with or without query intervals) have two producer warpgroups: warpgroup 0 gathers K (and loads Q),
   // the last one gathers V, so the two operands' copies are issued in parallel (PERF_NOTES s15: one warp's cp.async
@@ -391,7 +391,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   uint64_t* q_empty = v_empty + kStages;  // [2]
   int* sPos = reinterpret_cast<int*>(base + 2 * Tr::kQBytes + 2 * kStages * Tr::kKVBytes + 256);  // [kStages][kBN]
   int* sIv = sPos + kStages * kBN;  // [kStages][kBN] query intervals of listed keys (kv_intervals)
-  // Split keys: [kPartialFloats][128] partial rows of the second consumer warpgroup.
+  // Split keys: per consumer warpgroup [kPartialFloats / 2][128]: half of its partial O rows, its row maxima and sums.
   float* sPart = reinterpret_cast<float*>(base + 2 * Tr::kQBytes + 2 * kStages * Tr::kKVBytes + 256 +
                                           Tr::kPosArrays * Tr::kPosBytes);
   static_assert((4 + 4 * kStages) * 8 <= 192, "barriers must fit the first 192 of their 256 bytes");
@@ -813,42 +813,50 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       if constexpr (!kStageO) mbar_arrive(&q_empty[n_items & 1]);
     }
     if constexpr (Tr::kSplitKeys) {
-      // The second warpgroup hands its partial rows (same thread = same elements) to the first, which merges them
-      // with its own; barrier 9: partials written, barrier 10: partials read (the buffer may be reused).
-      constexpr int kP = Tr::kPartialFloats;
-      if (wg == 2) {
+      // Both warpgroups hold partial rows of the same 64 queries (same thread = same elements). Each hands the other
+      // its running max and sum and the half of its O columns the other stores (the first warpgroup keeps the lower
+      // half, the second the upper); after one barrier each merges and stores its half, so the merge and the stores
+      // are split between them. Barrier 10 (only before a further item) keeps the buffer until both have read it.
+      constexpr int kP = Tr::kPartialFloats / 2, kHalf = kD / 4;  // per warpgroup: kHalf O values, 2 maxima, 2 sums
+      static_assert(2 * kP * 128 * 4 == Tr::kPartialBytes, "partial layout");
+      const int me = wg - 1;
+      float* out = sPart + me * kP * 128;
+      const float* in = sPart + (1 - me) * kP * 128;
+      auto publish = [&](auto give_c) {  // give: the half (0 lower, 1 upper) the other warpgroup keeps
+        constexpr int give = decltype(give_c)::value;
 #pragma unroll
-        for (int i = 0; i < kD / 2; ++i) sPart[i * 128 + ctid] = acc_o[i];
+        for (int i = 0; i < kHalf; ++i) out[i * 128 + ctid] = acc_o[give * kHalf + i];
+      };
+      if (me == 0) publish(std::integral_constant<int, 1>{});
+      else publish(std::integral_constant<int, 0>{});
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          sPart[(kD / 2 + r) * 128 + ctid] = row_max[r];
-          sPart[(kD / 2 + 2 + r) * 128 + ctid] = row_sum[r];
-        }
-        asm volatile("bar.sync 9, 256;\n" ::: "memory");
-        asm volatile("bar.sync 10, 256;\n" ::: "memory");
-        kv_base += w.n_tiles;
-        ++n_items;
-        continue;
+      for (int r = 0; r < 2; ++r) {
+        out[(kHalf + r) * 128 + ctid] = row_max[r];
+        out[(kHalf + 2 + r) * 128 + ctid] = row_sum[r];
       }
       asm volatile("bar.sync 9, 256;\n" ::: "memory");
       float c_own[2], c_other[2];
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        const float m_other = sPart[(kD / 2 + r) * 128 + ctid];
+        const float m_other = in[(kHalf + r) * 128 + ctid];
         const float m = fmaxf(row_max[r], m_other);
         const float base_r = m == -INFINITY ? 0.f : m;
         c_own[r] = sparsek_math::fast_exp2(row_max[r] - base_r);
         c_other[r] = sparsek_math::fast_exp2(m_other - base_r);
-        row_sum[r] = row_sum[r] * c_own[r] + sPart[(kD / 2 + 2 + r) * 128 + ctid] * c_other[r];
+        row_sum[r] = row_sum[r] * c_own[r] + in[(kHalf + 2 + r) * 128 + ctid] * c_other[r];
         row_max[r] = m;
       }
+      auto merge = [&](auto keep_c) {
+        constexpr int keep = decltype(keep_c)::value;
 #pragma unroll
-      for (int i = 0; i < kD / 2; ++i) {
-        const int r = (i >> 1) & 1;  // accumulator i belongs to row r0 + 8r
-        acc_o[i] = acc_o[i] * c_own[r] + sPart[i * 128 + ctid] * c_other[r];
-      }
-      static_assert(kP * 128 * 4 == Tr::kPartialBytes, "partial layout");
-      asm volatile("bar.arrive 10, 256;\n" ::: "memory");
+        for (int i = 0; i < kHalf; ++i) {
+          const int j = keep * kHalf + i, r = (j >> 1) & 1;  // accumulator j belongs to row r0 + 8r
+          acc_o[j] = acc_o[j] * c_own[r] + in[i * 128 + ctid] * c_other[r];
+        }
+      };
+      if (me == 0) merge(std::integral_constant<int, 0>{});
+      else merge(std::integral_constant<int, 1>{});
+      if (item + item_stride < num_items) asm volatile("bar.sync 10, 256;\n" ::: "memory");
     }
     // Epilogue: normalize and store straight from registers; LSE in natural log.
 #pragma unroll
@@ -952,10 +960,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           T* orow = obase + (int64_t)row * p.o_row_stride;
 #pragma unroll
           for (int dt = 0; dt < kDT; ++dt) {
+            if (Tr::kSplitKeys && dt / (kDT / 2) != wg - 1) continue;  // split keys: each warpgroup stores its half
             *reinterpret_cast<uint32_t*>(orow + dt * 8 + 2 * t4) =
                 Pack2<T>::pack(acc_o[dt * 4 + 2 * r] * inv[r], acc_o[dt * 4 + 2 * r + 1] * inv[r]);
           }
-          if (p.lse && t4 == 0) {
+          if (p.lse && t4 == 0 && (!Tr::kSplitKeys || wg == 1)) {
             p.lse[w.b * p.lse_batch_stride + w.h * p.lse_head_stride + w.q_start + row] =
                 row_lse(row_max[r], row_sum[r]);
           }
