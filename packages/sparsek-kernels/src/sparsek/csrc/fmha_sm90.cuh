@@ -261,8 +261,9 @@ struct Sm90Traits {
   static constexpr int kBM = kSplitKeys ? 64 : 64 * kConsumers;
   // Each K/V tile is read by every consumer warpgroup, or (split keys) by one.
   static constexpr int kTileReaders = kSplitKeys ? 128 : 128 * kConsumers;
-  // Split keys: the second warpgroup's partial rows (O, running max, running sum per thread), element-major.
-  static constexpr int kPartialFloats = kD / 2 + 8;  // per thread: half of O and the row max and sum, twice
+  // Split keys: what each consumer warpgroup hands the other (per thread: half of its partial O, its two row maxima
+  // and two row sums), element-major, for both warpgroups.
+  static constexpr int kPartialFloats = kD / 2 + 8;
   static constexpr int kPartialBytes = kSplitKeys ? 128 * kPartialFloats * 4 : 0;
   // Token lists (with or without query intervals) have two producer warpgroups: warpgroup 0 gathers K (and loads Q),
   // the last one gathers V, so the two operands' copies are issued in parallel (PERF_NOTES s15: one warp's cp.async
