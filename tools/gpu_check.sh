@@ -42,11 +42,13 @@ if has tests; then
   grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -40
   # The dense tests again with cluster split-KV off (small grids: one CTA per query block, or split keys), forced to
   # 8 CTAs per query block (one key tile per CTA, many empty splits), and with every dense shape on the split-keys
-  # kernel (two warpgroups on alternate key tiles of a 64-row block).
-  for knob in SPARSEK_SM90_SPLITS=1 SPARSEK_SM90_SPLITS=8 SPARSEK_SM90_SPLIT_KEYS=1; do
-    name=${knob#SPARSEK_SM90_}
-    log="$OUT/pytest_${name/=/}.log"
-    env "$knob" $PY -m pytest packages/sparsek-kernels/tests/test_attention_gpu.py -m "gpu or sm90" -q \
+  # kernel (two warpgroups on alternate key tiles of a 64-row block), the small grids without half rows (64 query
+  # rows per CTA), and every dense shape on the half-rows split-keys kernel (32 rows per CTA). '+' joins two knobs.
+  for knob in SPARSEK_SM90_SPLITS=1 SPARSEK_SM90_SPLITS=8 SPARSEK_SM90_SPLIT_KEYS=1 SPARSEK_SM90_HALF_ROWS=0 \
+    SPARSEK_SM90_SPLIT_KEYS=1+SPARSEK_SM90_HALF_ROWS=1; do
+    name=${knob//SPARSEK_SM90_/}
+    log="$OUT/pytest_${name//[=+]/}.log"
+    env ${knob//+/ } $PY -m pytest packages/sparsek-kernels/tests/test_attention_gpu.py -m "gpu or sm90" -q \
       -p no:cacheprovider >"$log" 2>&1
     summary+=("gpu tests, $knob: $(tail -1 "$log")")
     grep -E "^(FAILED|ERROR)" "$log" | head -20

@@ -24,6 +24,7 @@ SHAPES = [  # name, dtype, B, H, Sq, Sk, D, causal
     ("bf16 1,8,512,64", torch.bfloat16, 1, 8, 512, 512, 64, False),
     ("fp16 1,8,512,64 causal", torch.float16, 1, 8, 512, 512, 64, True),
     ("fp16 1,16,384,64", torch.float16, 1, 16, 384, 384, 64, False),
+    ("fp16 1,16,512,64", torch.float16, 1, 16, 512, 512, 64, False),
     ("fp16 1,4,300,64", torch.float16, 1, 4, 300, 300, 64, False),
     ("fp16 1,8,128q,512k,64", torch.float16, 1, 8, 128, 512, 64, False),
     ("fp16 16,8,512,64", torch.float16, 16, 8, 512, 512, 64, False),

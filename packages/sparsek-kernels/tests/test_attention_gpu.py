@@ -77,6 +77,8 @@ def test_split_kv_small_grids(dtype, b, sq, h, sk, d, causal, window):
         (1, 512, 8, 512, 64, False, None),  # the latency shape: 64 blocks of 64 rows, one 256-key tile per warpgroup
         (1, 512, 8, 512, 64, True, None),
         (1, 1, 8, 512, 64, False, None),  # one query row
+        (1, 9, 3, 512, 64, False, None),  # half rows: the second half-block holds one query (row 8)
+        (2, 70, 2, 300, 128, True, None),  # half rows: the last block's second half starts past its 6 rows
         (1, 130, 5, 383, 64, True, None),  # three 128-key tiles, the last one key short (not the 256-key kernel)
         (1, 896, 4, 896, 128, False, None),  # 7 key tiles: 4 for the first warpgroup, 3 for the second
         (1, 200, 4, 130, 128, True, None),  # the second warpgroup's only tile holds 2 keys; first rows see none
@@ -84,7 +86,10 @@ def test_split_kv_small_grids(dtype, b, sq, h, sk, d, causal, window):
     ],
 )
 def test_split_keys_small_grids(dtype, b, sq, h, sk, d, causal, window):
-    """Small grids on Hopper: two warpgroups take alternate key tiles of a 64-row block (SPARSEK_SM90_SPLIT_KEYS)."""
+    """Small grids on Hopper: two warpgroups take alternate key tiles of a 64-row block (SPARSEK_SM90_SPLIT_KEYS).
+
+    Grids under half a wave take each block as two CTAs of 32 rows (SPARSEK_SM90_HALF_ROWS); these shapes do.
+    """
     torch.manual_seed(sq + sk + h)
     q, k, v = _rand(b, sq, h, d, dtype=dtype), _rand(b, sk, h, d, dtype=dtype), _rand(b, sk, h, d, dtype=dtype)
     _assert_matches_reference(q, k, v, causal=causal, window=window)

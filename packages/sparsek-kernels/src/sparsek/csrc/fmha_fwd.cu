@@ -177,6 +177,15 @@ static bool sm90_split_keys_256(const SkFmhaParams& p) {
          p.window_right < 0;
 }
 
+// SPARSEK_SM90_HALF_ROWS=0/1 forces the half-rows split-keys kernels (32 query rows per CTA) off or on wherever a
+// split-keys kernel runs; unset = where twice the 64-row blocks still fit in one wave. A benchmarking and testing knob.
+static bool sm90_half_rows(const SkFmhaParams& p) {
+  static const int forced = env_int("SPARSEK_SM90_HALF_ROWS", -1, -1, 1);
+  if (forced >= 0) return forced == 1;
+  const long items64 = (long)((p.seqlen_q + 63) / 64) * p.heads_q * p.batch;
+  return 2 * items64 <= num_sms();
+}
+
 // SPARSEK_PDL=0 turns off programmatic dependent launch of the Hopper kernel (default on): with it, the next kernel
 // on the stream may start its prologue while this one finishes, and this one waits (`griddepcontrol.wait`) for
 // the previous kernel's memory before its first global access.
@@ -193,9 +202,10 @@ static bool sm90_disabled() {
 // Launches the wgmma kernel when the call qualifies (Hopper, dense or varlen, 16-byte aligned strides); returns
 // false (and launches nothing) otherwise so the caller uses the portable kernel.
 template <int kD, int kBN, int kStages, typename T, int kSched, bool kIndex = false, int kConsumers = 2,
-          bool kIntervals = false, bool kSplitKeys = false, bool kGather = false>
+          bool kIntervals = false, bool kSplitKeys = false, bool kGather = false, bool kHalfRows = false>
 static bool try_launch_sm90(const SkFmhaParams& p, cudaStream_t stream, cudaError_t* err) {
-  using Tr = sm90::Sm90Traits<kD, kBN, kStages, T, kSched, kIndex, kConsumers, kIntervals, kSplitKeys, kGather>;
+  using Tr =
+      sm90::Sm90Traits<kD, kBN, kStages, T, kSched, kIndex, kConsumers, kIntervals, kSplitKeys, kGather, kHalfRows>;
   const bool varlen_q = p.cu_seqlens_q != nullptr, varlen_k = p.cu_seqlens_k != nullptr;
   const bool bf16 = p.is_bf16 != 0;
   sm90::TmaParams tma;
@@ -214,7 +224,7 @@ static bool try_launch_sm90(const SkFmhaParams& p, cudaStream_t stream, cudaErro
   }
   // Persistent grid (one CTA per SM, each looping over work tiles) when every tile costs the same; with a causal
   // band or index lists the costs differ, and one CTA per tile lets the hardware balance them.
-  const long items = (long)((p.seqlen_q + Tr::kBM - 1) / Tr::kBM) * p.heads_q * p.batch;
+  const long items = (long)((p.seqlen_q + Tr::kBM - 1) / Tr::kBM) * p.heads_q * p.batch * (kHalfRows ? 2 : 1);
   const bool balanced = kIndex ? sm90_index_persistent() : !(p.window_right >= 0 && p.window_left < 0);
   const int grid = (int)((items < num_sms() || !balanced) ? items : num_sms());
   if (grid == 0) {
@@ -302,9 +312,15 @@ static bool dispatch_sm90(const SkFmhaParams& p, cudaStream_t stream, cudaError_
   // Small grids: two warpgroups on alternate key tiles of one 64-row query block (pipelined, no ping-pong: each
   // warpgroup's chain of dependent tiles is what bounds these shapes).
   if ((p.head_dim == 64 || p.head_dim == 128) && sm90_split_keys(p, 128)) {
-    if (sm90_split_keys_256(p)) return try_launch_sm90<64, 256, 2, T, 0, false, 2, false, true>(p, stream, err);
-    return p.head_dim == 64 ? try_launch_sm90<64, 128, 4, T, 1, false, 2, false, true>(p, stream, err)
-                            : try_launch_sm90<128, 128, 2, T, 1, false, 2, false, true>(p, stream, err);
+    const bool half = sm90_half_rows(p);
+    if (sm90_split_keys_256(p))
+      return half ? try_launch_sm90<64, 256, 2, T, 0, false, 2, false, true, false, true>(p, stream, err)
+                  : try_launch_sm90<64, 256, 2, T, 0, false, 2, false, true>(p, stream, err);
+    if (p.head_dim == 64)
+      return half ? try_launch_sm90<64, 128, 4, T, 1, false, 2, false, true, false, true>(p, stream, err)
+                  : try_launch_sm90<64, 128, 4, T, 1, false, 2, false, true>(p, stream, err);
+    return half ? try_launch_sm90<128, 128, 2, T, 1, false, 2, false, true, false, true>(p, stream, err)
+                : try_launch_sm90<128, 128, 2, T, 1, false, 2, false, true>(p, stream, err);
   }
   switch (p.head_dim * 10 + sm90_schedule()) {
     case 640: return try_launch_sm90<64, 128, 4, T, 0>(p, stream, err);

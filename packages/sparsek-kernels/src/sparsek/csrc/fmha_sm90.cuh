@@ -242,8 +242,11 @@ __device__ __forceinline__ float4 ld_cluster_f4(uint32_t addr) {
 // kSplitKeys_: small grids (dense/varlen): both consumer warpgroups share one 64-row query block and take alternate
 // key tiles (even / odd), then combine their partial rows through shared memory, which halves each warpgroup's chain
 // of dependent tiles and doubles the CTAs for the same problem.
+// kHalfRows_ (split keys only): grids under half a wave take each 64-row block as two work items of 32 rows, rows
+// r0 = 16 w + g of the tile loaded 8·h rows further (h = 0, 1), so each CTA's softmax covers one accumulator row per
+// thread: half the exponentials per SM (the MUFU rate and the softmax's chains bound these shapes), twice the CTAs.
 template <int kD_, int kBN_, int kStages_, typename T_, int kSched_ = 1, bool kIndex_ = false, int kConsumers_ = 2,
-          bool kIntervals_ = false, bool kSplitKeys_ = false, bool kGather_ = false>
+          bool kIntervals_ = false, bool kSplitKeys_ = false, bool kGather_ = false, bool kHalfRows_ = false>
 struct Sm90Traits {
   using T = T_;
   static constexpr int kD = kD_, kBN = kBN_, kStages = kStages_, kSched = kSched_;
@@ -258,6 +261,9 @@ struct Sm90Traits {
   static constexpr bool kSplitKeys = kSplitKeys_;
   static_assert(!kSplitKeys || (!kIndex && kConsumers == 2 && !kPingPong),
                 "split keys: dense, two consumers, no ping-pong");
+  static constexpr bool kHalfRows = kHalfRows_;
+  static_assert(!kHalfRows || kSplitKeys, "half rows: split-keys kernels only");
+  static constexpr int kRows = kHalfRows ? 1 : 2;  // accumulator rows per thread that hold queries (r0, r0 + 8)
   static constexpr int kBM = kSplitKeys ? 64 : 64 * kConsumers;
   // Each K/V tile is read by every consumer warpgroup, or (split keys) by one.
   static constexpr int kTileReaders = kSplitKeys ? 128 : 128 * kConsumers;
@@ -306,7 +312,9 @@ struct WorkTile {
 // Work item i -> tile. The query block varies fastest, so CTAs running at the same time share one head's K/V in L2;
 // causal problems visit each head's heaviest (last) query blocks first. With `splits` > 1 (split-KV, no index lists)
 // the key range is cut into `splits` nearly equal runs of whole tiles and this CTA takes run `split`.
-template <int kBM, int kBN>
+// Half rows (kHalf): num_m counts half blocks; half h of block m starts at row m * kBM + 8 h (its queries are the tile's
+// rows 16 w + g, see Sm90Traits::kHalfRows), and pos_max stays the full tile's (a bound, as masks are per row).
+template <int kBM, int kBN, bool kHalf = false>
 __device__ __forceinline__ WorkTile work_tile(const SkFmhaParams& p, int item, int num_m, int split = 0,
                                               int splits = 1) {
   WorkTile w{};
@@ -314,7 +322,7 @@ __device__ __forceinline__ WorkTile work_tile(const SkFmhaParams& p, int item, i
   w.h = rem % p.heads_q;
   w.b = rem / p.heads_q;
   const int m_block = (p.window_right >= 0 && p.window_left < 0) ? num_m - 1 - m_idx : m_idx;
-  w.m0 = m_block * kBM;
+  w.m0 = kHalf ? (m_block >> 1) * kBM + 8 * (m_block & 1) : m_block * kBM;
   w.q_start = 0, w.sq = p.seqlen_q, w.k_start = 0, w.sk = p.seqlen_k;
   if (p.cu_seqlens_q) {
     w.q_start = p.cu_seqlens_q[w.b];
@@ -383,7 +391,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const int tid = threadIdx.x;
   const int wg = tid / 128;
   const int group = p.heads_q / p.heads_kv;
-  const int num_m = (p.seqlen_q + kBM - 1) / kBM;
+  const int num_m = (p.seqlen_q + kBM - 1) / kBM * (Tr::kHalfRows ? 2 : 1);
   const int num_items = num_m * p.heads_q * p.batch;
   // Split-KV: the CTAs of one cluster share a work item; cluster rank = which run of its keys this CTA takes.
   const int splits = (Tr::kIndex || Tr::kSplitKeys) ? 1 : tma.splits;
@@ -427,7 +435,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
                            p.cu_seqlens_k == nullptr;
   WorkTile w_first{};
   if (first_early && tid == 0) {
-    w_first = work_tile<kBM, kBN>(p, first_item, num_m, split, splits);
+    w_first = work_tile<kBM, kBN, Tr::kHalfRows>(p, first_item, num_m, split, splits);
     asm volatile("" : "+r"(w_first.b), "+r"(w_first.h), "+r"(w_first.m0), "+r"(w_first.off), "+r"(w_first.pos_min),
                  "+r"(w_first.pos_max), "+r"(w_first.lo), "+r"(w_first.hi), "+r"(w_first.n_tiles));
   }
@@ -555,7 +563,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       int kv_iter = 0, n_items = 0;  // K/V tiles and work items loaded so far by this CTA
       for (int item = first_item; item < num_items; item += item_stride) {
         const WorkTile w =
-            first_early && item == first_item ? w_first : work_tile<kBM, kBN>(p, item, num_m, split, splits);
+            first_early && item == first_item ? w_first : work_tile<kBM, kBN, Tr::kHalfRows>(p, item, num_m, split, splits);
         if (!w.valid) continue;
         const int hk = w.h / group;
         const int qb = p.cu_seqlens_q ? 0 : w.b, kb = p.cu_seqlens_k ? 0 : w.b;
@@ -678,7 +686,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
+        for (int e = 0; e < 2 * Tr::kRows; ++e) {
           const int j = n0 + nt * 8 + 2 * t4 + (e & 1);
           const int qp = qpos[e >> 1];
           const bool ok = j < w.hi && (p.window_right < 0 || j <= qp + p.window_right) &&
@@ -688,7 +696,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       }
     }
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
+    for (int r = 0; r < Tr::kRows; ++r) {
       float mx = -INFINITY;
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt) mx = fmaxf(mx, fmaxf(acc_s[nt * 4 + 2 * r], acc_s[nt * 4 + 2 * r + 1]));
@@ -714,15 +722,17 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     for (int dt = 0; dt < kDT; ++dt) {
       acc_o[dt * 4 + 0] *= corr[0];
       acc_o[dt * 4 + 1] *= corr[0];
-      acc_o[dt * 4 + 2] *= corr[1];
-      acc_o[dt * 4 + 3] *= corr[1];
+      if constexpr (Tr::kRows == 2) {
+        acc_o[dt * 4 + 2] *= corr[1];
+        acc_o[dt * 4 + 3] *= corr[1];
+      }
     }
 #pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) {
+    for (int kk = 0; kk < kBN / 16; ++kk) {  // half rows: the rows r0 + 8 get P = 0 (their O is never read)
       pa[kk][0] = Pack2<T>::pack(acc_s[(2 * kk) * 4 + 0], acc_s[(2 * kk) * 4 + 1]);
-      pa[kk][1] = Pack2<T>::pack(acc_s[(2 * kk) * 4 + 2], acc_s[(2 * kk) * 4 + 3]);
+      pa[kk][1] = Tr::kRows == 2 ? Pack2<T>::pack(acc_s[(2 * kk) * 4 + 2], acc_s[(2 * kk) * 4 + 3]) : 0u;
       pa[kk][2] = Pack2<T>::pack(acc_s[(2 * kk + 1) * 4 + 0], acc_s[(2 * kk + 1) * 4 + 1]);
-      pa[kk][3] = Pack2<T>::pack(acc_s[(2 * kk + 1) * 4 + 2], acc_s[(2 * kk + 1) * 4 + 3]);
+      pa[kk][3] = Tr::kRows == 2 ? Pack2<T>::pack(acc_s[(2 * kk + 1) * 4 + 2], acc_s[(2 * kk + 1) * 4 + 3]) : 0u;
     }
   };
 
@@ -745,7 +755,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
                                                        (int64_t)sizeof(T))) & 15) == 0;
   int n_items = 0;
   for (int item = first_item; item < num_items; item += item_stride) {
-    w = work_tile<kBM, kBN>(p, item, num_m, split, splits);
+    w = work_tile<kBM, kBN, Tr::kHalfRows>(p, item, num_m, split, splits);
     if (!w.valid) continue;
     qpos[0] = w.m0 + r0 + w.off;
     qpos[1] = qpos[0] + 8;
@@ -826,19 +836,20 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       auto publish = [&](auto give_c) {  // give: the half (0 lower, 1 upper) the other warpgroup keeps
         constexpr int give = decltype(give_c)::value;
 #pragma unroll
-        for (int i = 0; i < kHalf; ++i) out[i * 128 + ctid] = acc_o[give * kHalf + i];
+        for (int i = 0; i < kHalf; ++i)
+          if (Tr::kRows == 2 || ((give * kHalf + i) & 2) == 0) out[i * 128 + ctid] = acc_o[give * kHalf + i];
       };
       if (me == 0) publish(std::integral_constant<int, 1>{});
       else publish(std::integral_constant<int, 0>{});
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
+      for (int r = 0; r < Tr::kRows; ++r) {
         out[(kHalf + r) * 128 + ctid] = row_max[r];
         out[(kHalf + 2 + r) * 128 + ctid] = row_sum[r];
       }
       asm volatile("bar.sync 9, 256;\n" ::: "memory");
       float c_own[2], c_other[2];
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
+      for (int r = 0; r < Tr::kRows; ++r) {
         const float m_other = in[(kHalf + r) * 128 + ctid];
         const float m = fmaxf(row_max[r], m_other);
         const float base_r = m == -INFINITY ? 0.f : m;
@@ -852,7 +863,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 #pragma unroll
         for (int i = 0; i < kHalf; ++i) {
           const int j = keep * kHalf + i, r = (j >> 1) & 1;  // accumulator j belongs to row r0 + 8r
-          acc_o[j] = acc_o[j] * c_own[r] + in[i * 128 + ctid] * c_other[r];
+          if (r < Tr::kRows) acc_o[j] = acc_o[j] * c_own[r] + in[i * 128 + ctid] * c_other[r];
         }
       };
       if (me == 0) merge(std::integral_constant<int, 0>{});
@@ -861,7 +872,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     }
     // Epilogue: normalize and store straight from registers; LSE in natural log.
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
+    for (int r = 0; r < Tr::kRows; ++r) {
       row_sum[r] += __shfl_xor_sync(0xffffffff, row_sum[r], 1);
       row_sum[r] += __shfl_xor_sync(0xffffffff, row_sum[r], 2);
     }
@@ -955,7 +966,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       }
     } else {
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
+      for (int r = 0; r < Tr::kRows; ++r) {
         const int row = w.m0 + r0 + 8 * r;
         if (row < w.sq) {
           T* orow = obase + (int64_t)row * p.o_row_stride;
