@@ -2,10 +2,12 @@
 """Benchmark sparsek's dense attention against PyTorch SDPA (flash, cuDNN) and FlexAttention in one process.
 
 Kernel time: median over CUDA-graph replays (20 calls captured per graph, many replays), so launch gaps vanish.
+With ``--rounds N`` every backend of a shape is timed N times in alternation and the table takes the median of the
+rounds (the GPU's clocks drift with its temperature: a first round can run 10% faster than the next ones).
 Eager time: wall time per call of the Python function in a loop (includes launch and Python overhead).
 Writes a Markdown table (and a PNG plot when matplotlib is present) to --out.
 
-    python tools/bench_attention.py --out bench_out
+    python tools/bench_attention.py --out bench_out --rounds 3
 """
 
 from __future__ import annotations
@@ -99,12 +101,15 @@ def main() -> None:
         help="comma-separated subset; also sdpa-cudnn-bshd (cuDNN on transposed views of the [B, S, H, D] inputs)",
     )
     ap.add_argument("--head-dim", type=int, default=None, help="only the shapes with this head dimension")
+    ap.add_argument("--rounds", type=int, default=1, help="time the backends of a shape this often, alternating")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.get_device_name()
     header = (
         f"GPU: {gpu}; torch {torch.__version__}; sparsek {sparsek.__version__}; "
-        f"{datetime.date.today().isoformat()}. Kernel time = median of CUDA-graph replays (20 calls per graph); "
+        f"{datetime.date.today().isoformat()}. Kernel time = median of CUDA-graph replays (20 calls per graph)"
+        + (f", median of {args.rounds} rounds alternating the backends" if args.rounds > 1 else "")
+        + "; "
         "eager = wall time per Python call. TFLOP/s = 4·B·H·S²·D (halved for causal) / kernel time.\n"
     )
     rows = []
@@ -114,6 +119,7 @@ def main() -> None:
         dtype = DTYPES[name]
         q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=dtype) for _ in range(3))
         ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal)
+        fns, errs, times = {}, {}, {}
         for bname, fn in backends(q, k, v, causal).items():
             if bname not in args.backends.split(","):
                 continue
@@ -121,12 +127,21 @@ def main() -> None:
                 out = fn()
                 if bname == "sparsek":
                     out = out.transpose(1, 2)
-                err = ((out.float() - ref).norm() / ref.norm()).item()
-                us = cuda_graph_time_us(fn)
-                eager = eager_time_us(fn) if s <= 512 else float("nan")
+                errs[bname] = ((out.float() - ref).norm() / ref.norm()).item()
+                times[bname] = [cuda_graph_time_us(fn)]
+                fns[bname] = fn
             except Exception as e:  # a backend that cannot run this shape
                 print(f"{bname} failed on {name} {b},{h},{s},{d} causal={causal}: {type(e).__name__}: {e}")
-                continue
+        for _ in range(args.rounds - 1):
+            for bname, fn in fns.items():
+                times[bname].append(cuda_graph_time_us(fn))
+        for bname, fn in fns.items():
+            us, err = statistics.median(times[bname]), errs[bname]
+            eager = eager_time_us(fn) if s <= 512 else float("nan")
+            if args.rounds > 1:
+                print(
+                    f"{name} B={b} H={h} S={s} D={d} causal={causal} {bname}: rounds {[round(t, 2) for t in times[bname]]}"
+                )
             tf = flops(b, h, s, d, causal) / us / 1e6
             rows.append((name, b, h, s, d, causal, bname, us, eager, tf, err))
             print(

@@ -59,7 +59,7 @@ if has bench-quick; then
   $PY tools/bench_attention.py --quick --out "$OUT" >"$OUT/bench.log" 2>&1 || tail -20 "$OUT/bench.log"
 fi
 if has bench; then
-  $PY tools/bench_attention.py --out "$OUT" >"$OUT/bench.log" 2>&1 || tail -20 "$OUT/bench.log"
+  $PY tools/bench_attention.py --out "$OUT" --rounds "${BENCH_ROUNDS:-3}" >"$OUT/bench.log" 2>&1 || tail -20 "$OUT/bench.log"
 fi
 if has extra; then
   mkdir -p "$OUT/sparse"
