@@ -103,6 +103,13 @@ static bool sm90_index_persistent() {
   return v;
 }
 
+// SPARSEK_SM90_PERSISTENT=0: one CTA per query tile for dense/varlen launches without a causal band too (default: a
+// persistent grid of one CTA per SM there); a benchmarking knob.
+static bool sm90_dense_persistent() {
+  static const bool v = env_int("SPARSEK_SM90_PERSISTENT", 1) != 0;
+  return v;
+}
+
 // SPARSEK_SM90_D64_CONSUMERS=3: three consumer warpgroups (64 query rows each) in the dense head-dim-64 kernel
 // instead of two; a benchmarking knob.
 static int sm90_d64_consumers() {
@@ -225,7 +232,8 @@ static bool try_launch_sm90(const SkFmhaParams& p, cudaStream_t stream, cudaErro
   // Persistent grid (one CTA per SM, each looping over work tiles) when every tile costs the same; with a causal
   // band or index lists the costs differ, and one CTA per tile lets the hardware balance them.
   const long items = (long)((p.seqlen_q + Tr::kBM - 1) / Tr::kBM) * p.heads_q * p.batch * (kHalfRows ? 2 : 1);
-  const bool balanced = kIndex ? sm90_index_persistent() : !(p.window_right >= 0 && p.window_left < 0);
+  const bool balanced =
+      kIndex ? sm90_index_persistent() : sm90_dense_persistent() && !(p.window_right >= 0 && p.window_left < 0);
   const int grid = (int)((items < num_sms() || !balanced) ? items : num_sms());
   if (grid == 0) {
     *err = cudaSuccess;
