@@ -103,6 +103,8 @@ def main() -> None:
     ap.add_argument("--head-dim", type=int, default=None, help="only the shapes with this head dimension")
     ap.add_argument("--rounds", type=int, default=1, help="time the backends of a shape this often, alternating")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
     args.out.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.get_device_name()
     header = (

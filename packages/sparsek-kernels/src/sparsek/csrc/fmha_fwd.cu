@@ -152,6 +152,11 @@ static int sm90_splits(long items, int seqlen_k, int kBN, MaxClusters max_cluste
   return s > 1 ? s : 1;
 }
 
+// Query blocks of `rows` rows over all sequences and heads (the work items of a dense launch).
+static long query_blocks(const SkFmhaParams& p, int rows) {
+  return (long)((p.seqlen_q + rows - 1) / rows) * p.heads_q * p.batch;
+}
+
 // SPARSEK_SM90_SPLIT_KEYS=0/1 forces the split-keys kernel (two consumer warpgroups on alternate key tiles of one
 // 64-row query block) off or on; unset = the heuristic in sm90_split_keys. A benchmarking and testing knob.
 static int sm90_split_keys_override() {
@@ -168,8 +173,7 @@ static bool sm90_split_keys(const SkFmhaParams& p, int kBN) {
   const int forced = sm90_split_keys_override();
   if (forced >= 0) return forced == 1;
   if (sm90_splits_override() > 1) return false;
-  const long items64 = (long)((p.seqlen_q + 63) / 64) * p.heads_q * p.batch;
-  const long items128 = (long)((p.seqlen_q + 127) / 128) * p.heads_q * p.batch;
+  const long items64 = query_blocks(p, 64), items128 = query_blocks(p, 128);
   const int n_kv = (p.seqlen_k + kBN - 1) / kBN;
   return items64 > 0 && items64 <= num_sms() && n_kv >= 2 && sm90_split_start(items128, n_kv) <= 2;
 }
@@ -189,8 +193,7 @@ static bool sm90_split_keys_256(const SkFmhaParams& p) {
 static bool sm90_half_rows(const SkFmhaParams& p) {
   static const int forced = env_int("SPARSEK_SM90_HALF_ROWS", -1, -1, 1);
   if (forced >= 0) return forced == 1;
-  const long items64 = (long)((p.seqlen_q + 63) / 64) * p.heads_q * p.batch;
-  return 2 * items64 <= num_sms();
+  return 2 * query_blocks(p, 64) <= num_sms();
 }
 
 // SPARSEK_PDL=0 turns off programmatic dependent launch of the Hopper kernel (default on): with it, the next kernel
@@ -231,7 +234,7 @@ static bool try_launch_sm90(const SkFmhaParams& p, cudaStream_t stream, cudaErro
   }
   // Persistent grid (one CTA per SM, each looping over work tiles) when every tile costs the same; with a causal
   // band or index lists the costs differ, and one CTA per tile lets the hardware balance them.
-  const long items = (long)((p.seqlen_q + Tr::kBM - 1) / Tr::kBM) * p.heads_q * p.batch * (kHalfRows ? 2 : 1);
+  const long items = query_blocks(p, Tr::kBM) * (kHalfRows ? 2 : 1);
   const bool balanced =
       kIndex ? sm90_index_persistent() : sm90_dense_persistent() && !(p.window_right >= 0 && p.window_left < 0);
   const int grid = (int)((items < num_sms() || !balanced) ? items : num_sms());
@@ -355,8 +358,7 @@ static cudaError_t dispatch(const SkFmhaParams& p, cudaStream_t stream) {
   } else if (tile_override() != 0) {
     small_tiles = tile_override() == 64;
   } else {
-    const long blocks128 = (long)((p.seqlen_q + 127) / 128) * p.heads_q * p.batch;
-    small_tiles = blocks128 < 2L * num_sms();
+    small_tiles = query_blocks(p, 128) < 2L * num_sms();
   }
   if (p.kv_intervals) {  // index lists with query intervals: their own instantiations
     switch (p.head_dim) {
