@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import math
 import multiprocessing as mp
 import os
 import re
@@ -223,3 +224,71 @@ def test_launches_make_the_tensors_device_current(monkeypatch):
         pass
     other = _lib.on_device(torch.device("cuda", 1))
     assert isinstance(other, torch.cuda.device) and other.idx == 1
+
+
+class _CaptureLaunch:
+    """Stands in for the CUDA library: keeps the parameters of the last FMHA launch, decoded."""
+
+    params = None
+
+    def sk_fmha_fwd(self, params, stream):
+        self.params = _lib.SkFmhaParams.from_buffer_copy(params)
+        return 0
+
+
+def _launch_params(monkeypatch, q, k, v, out, lse, **kw):
+    lib = _CaptureLaunch()
+    monkeypatch.setattr(_lib, "load", lambda device: lib)
+    monkeypatch.setattr(_lib, "current_stream", lambda device: ctypes.c_void_p(0))
+    args = dict(cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, block_table=None, window_left=-1)
+    args.update(kw)
+    _lib.fmha_fwd(q, k, v, out, lse, **args)
+    return lib.params
+
+
+def _assert_rows(p, name, t, batch_stride):
+    assert (
+        getattr(p, f"{name}_batch_stride"),
+        getattr(p, f"{name}_row_stride"),
+        getattr(p, f"{name}_head_stride"),
+    ) == (
+        batch_stride,
+        t.stride(-3),
+        t.stride(-2),
+    )
+
+
+def test_launch_params_dense_views_gqa(monkeypatch):
+    """The packed launch parameters carry each tensor's own pointer, strides and sizes (here non-contiguous views)."""
+    q = torch.randn(2, 4, 7, 16, dtype=torch.bfloat16).transpose(1, 2)  # [B, S, H, D] view of a [B, H, S, D] tensor
+    k = torch.randn(2, 9, 2, 16, dtype=torch.bfloat16)
+    v = torch.randn(2, 2, 9, 16, dtype=torch.bfloat16).transpose(1, 2)
+    out, lse = torch.empty_like(q), torch.empty(2, 4, 7)
+    p = _launch_params(
+        monkeypatch, q, k, v, out, lse, max_seqlen_q=7, max_seqlen_k=9, scale=0.25, window_left=3, window_right=0
+    )
+    assert (p.q, p.k, p.v, p.o, p.lse) == (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr())
+    for name, t in (("q", q), ("k", k), ("v", v), ("o", out)):
+        _assert_rows(p, name, t, t.stride(0))
+    assert (p.lse_batch_stride, p.lse_head_stride) == lse.stride()[:2]
+    assert (p.batch, p.heads_q, p.heads_kv, p.seqlen_q, p.seqlen_k, p.head_dim) == (2, 4, 2, 7, 9, 16)
+    assert (p.total_q, p.total_k, p.window_left, p.window_right, p.is_bf16) == (7, 9, 3, 0, 1)
+    assert p.scale_log2 == pytest.approx(0.25 / math.log(2.0))
+    assert (p.cu_seqlens_q, p.cu_seqlens_k, p.block_table, p.kv_indices, p.kv_intervals) == (None,) * 5
+
+
+def test_launch_params_varlen_without_lse(monkeypatch):
+    q = torch.randn(11, 4, 16, dtype=torch.float16)
+    k = v = torch.randn(13, 1, 16, dtype=torch.float16)
+    cu_q, cu_k = torch.tensor([0, 5, 11], dtype=torch.int32), torch.tensor([0, 0, 13], dtype=torch.int32)
+    out = torch.empty_like(q)
+    p = _launch_params(
+        monkeypatch, q, k, v, out, None, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=6, max_seqlen_k=13,
+        scale=0.5, window_right=-1,
+    )  # fmt: skip
+    for name, t in (("q", q), ("k", k), ("v", v), ("o", out)):
+        _assert_rows(p, name, t, 0)
+    assert (p.cu_seqlens_q, p.cu_seqlens_k) == (cu_q.data_ptr(), cu_k.data_ptr())
+    assert (p.lse, p.lse_batch_stride, p.lse_head_stride) == (None, 0, 0)
+    assert (p.batch, p.heads_q, p.heads_kv, p.seqlen_q, p.seqlen_k, p.total_q, p.total_k) == (2, 4, 1, 6, 13, 11, 13)
+    assert p.is_bf16 == 0
