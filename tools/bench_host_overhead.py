@@ -8,6 +8,12 @@ backend runs once per layer and step (32 decode requests, 32 query heads, 8 KV h
 repeated batches, microseconds per call:
 
     python tools/bench_host_overhead.py [--shape B,S,H,D] [--calls 20000]
+
+With ``--cuda`` (on a CUDA machine) the calls launch their kernels for real and the wall time per call of a batch of
+eager calls (synchronized once at its end) is split: ``sparsek.attention`` as users call it (a cached launch plan
+after the first call), the same with every call checked and packed anew, the library's launch alone with packed
+parameters, and PyTorch SDPA's eager calls on the same data. A batch that outruns the GPU measures the kernel
+instead (the latency shape's kernel takes about 5 us).
 """
 
 from __future__ import annotations
@@ -25,8 +31,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="1,512,8,64", help="B,S,H,D of q, k and v (bshd)")
     ap.add_argument("--calls", type=int, default=20000, help="calls per timed batch")
+    ap.add_argument("--cuda", action="store_true", help="launch the kernels on the GPU (see the module docstring)")
     args = ap.parse_args()
     b, s, h, d = (int(x) for x in args.shape.split(","))
+    if args.cuda:
+        cuda_split(b, s, h, d, min(args.calls, 2000))
+        return
 
     import sparsek
     from sparsek import _lib, paged
@@ -65,6 +75,7 @@ def main() -> None:
     slots = torch.randint(0, 512 * page, (nreq,))
     cases = {
         f"sparsek.attention {b},{s},{h},{d}": lambda: sparsek.attention(q, k, v),
+        "  checked and packed on every call": lambda: without_plans(lambda: sparsek.attention(q, k, v)),
         "paged decode launch (32 requests)": lambda: paged._paged_attention_cuda_impl(
             qd, kc, vc, table, cu_q, lens, 1, 1000, hd**-0.5, -1, 0, nreq, out, no_lse
         ),
@@ -78,6 +89,67 @@ def main() -> None:
         return (time.perf_counter() - t) / args.calls * 1e6
 
     print(f"sparsek {sparsek.__version__}, torch {torch.__version__}; host side only, us per call")
+    for name, fn in cases.items():
+        batch(fn)  # warm-up
+        print(f"{name:40s} {statistics.median(batch(fn) for _ in range(7)):7.2f}")
+
+
+def without_plans(call):
+    """Run ``call`` with the cached launch plans of eager dense calls ignored (every call checked and packed)."""
+    from sparsek import _dense_plans
+
+    lookup = _dense_plans.lookup
+    _dense_plans.lookup = lambda key: None
+    try:
+        return call()
+    finally:
+        _dense_plans.lookup = lookup
+
+
+def cuda_split(b: int, s: int, h: int, d: int, calls: int) -> None:
+    """Wall time per eager call on the GPU, with and without the cached launch plan, next to the bare launch."""
+    import sparsek
+    import torch.nn.functional as F
+    from sparsek import _lib
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (torch.randn(b, s, h, d, dtype=torch.float16, device="cuda") for _ in range(3))
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    out = torch.empty_like(q)
+    lib = _lib.load(q.device)
+    params = _lib.fmha_fwd(
+        q, k, v, out, None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, block_table=None,
+        max_seqlen_q=s, max_seqlen_k=s, scale=d**-0.5, window_left=-1, window_right=-1,
+    )  # fmt: skip
+    stream = _lib.current_stream(q.device)
+
+    def sdpa(backend):
+        def run():
+            with sdpa_kernel(backend):
+                F.scaled_dot_product_attention(qt, kt, vt)
+
+        return run
+
+    cases = {
+        f"sparsek.attention {b},{s},{h},{d}": lambda: sparsek.attention(q, k, v),
+        "  checked and packed on every call": lambda: without_plans(lambda: sparsek.attention(q, k, v)),
+        "  torch.empty_like(q) alone": lambda: torch.empty_like(q),
+        "  library launch, packed parameters": lambda: _lib.launch_fmha(lib, q.device, params),
+        "  bare ctypes call (stream given)": lambda: lib.sk_fmha_fwd(params, stream),
+        "SDPA cuDNN, eager": sdpa(SDPBackend.CUDNN_ATTENTION),
+        "SDPA flash, eager": sdpa(SDPBackend.FLASH_ATTENTION),
+    }
+
+    def batch(fn) -> float:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t) / calls * 1e6
+
+    print(f"sparsek {sparsek.__version__}, torch {torch.__version__}, {torch.cuda.get_device_name()}; fp16 bshd")
+    print(f"wall time per eager call (batches of {calls}, synchronized at the end), median of 7, us")
     for name, fn in cases.items():
         batch(fn)  # warm-up
         print(f"{name:40s} {statistics.median(batch(fn) for _ in range(7)):7.2f}")

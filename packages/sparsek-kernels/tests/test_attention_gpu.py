@@ -241,6 +241,25 @@ def test_eager_fast_path_matches_the_op():
     assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_repeated_calls_reuse_the_launch_plan(dtype):
+    """Eager calls after the first with the same shapes and options run from its cached plan: fresh inputs, views
+    with other strides and the bhsd layout must each give their own correct result."""
+    from sparsek import _dense_plans
+
+    _dense_plans.clear()
+    for _ in range(3):
+        _assert_matches_reference(*(_rand(2, 203, 4, 64, dtype=dtype) for _ in range(3)), causal=True)
+    base = _rand(2, 4, 203, 64, dtype=dtype)  # [B, H, S, D] storage: a bshd view with other strides, then bhsd
+    _assert_matches_reference(base.transpose(1, 2), base.transpose(1, 2), base.transpose(1, 2), causal=True)
+    for _ in range(2):
+        q, k, v = (_rand(2, 4, 203, 64, dtype=dtype) for _ in range(3))
+        out = sparsek.attention(q, k, v, layout="bhsd", window=(31, 7))
+        ref = attention_ref(*(t.transpose(1, 2).float() for t in (q, k, v)), window=(31, 7)).transpose(1, 2)
+        assert out.shape == q.shape and rel_error(out, ref) < tolerance(dtype)
+    assert len(_dense_plans._plans) == 3
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_tensors_on_a_device_that_is_not_current():
     """Every kernel family runs on cuda:1 while cuda:0 is current (layers spread over GPUs in one process)."""

@@ -50,6 +50,9 @@ def _struct_format(fields: list[tuple[str, type]]) -> str:
 #: the ctypes structure, which matters for small, latency-bound calls.
 FMHA_PARAMS = struct.Struct(_struct_format(SkFmhaParams._fields_))
 assert FMHA_PARAMS.size == ctypes.sizeof(SkFmhaParams), "SkFmhaParams packing disagrees with the ctypes layout"
+#: The leading pointer fields (q, k, v, o, lse): what differs between two launches of one cached dense plan.
+FMHA_POINTERS = struct.Struct("@5Q")
+assert SkFmhaParams.lse.offset + 8 == FMHA_POINTERS.size
 
 
 class KernelUnavailable(RuntimeError):
@@ -151,8 +154,8 @@ def fmha_fwd(
     index_block_q: int = 64,
     kv_index_run: int = 1,
     kv_intervals: torch.Tensor | None = None,
-) -> None:
-    """Launch the FMHA kernel on the current stream.
+) -> bytes:
+    """Launch the FMHA kernel on the current stream; returns the packed ``SkFmhaParams`` it launched with.
 
     Dense tensors are ``[B, S, H, D]`` (any strides with a unit last stride); varlen/paged ones are
     ``[total, H, D]`` (or ``[num_pages, page_size, H, D]`` for paged K/V). Index-list (sparse) mode:
@@ -200,6 +203,12 @@ def fmha_fwd(
         ksh[1] if paged else 0, window_left, window_right,
         int(q.dtype == torch.bfloat16), scale * _LOG2E, qsh[-3], ksh[-3], kv_index_run, 0, _ptr_of(kv_intervals),
     )  # fmt: skip
+    launch_fmha(lib, device, p)
+    return p
+
+
+def launch_fmha(lib: ctypes.CDLL, device: torch.device, params: bytes) -> None:
+    """Launch the FMHA kernel with packed ``params`` on ``device``'s current stream."""
     with on_device(device):
-        code = lib.sk_fmha_fwd(p, current_stream(device))
+        code = lib.sk_fmha_fwd(params, current_stream(device))
     check(lib, code, "fmha forward")

@@ -6,6 +6,8 @@ CUDA-graph capture, and run on the caller's current CUDA stream. The CPU kernel 
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 
 from . import _lib
@@ -51,23 +53,32 @@ def _fmha_fwd_cpu(q, k, v, cu_q, cu_k, max_sq, max_sk, scale, wl, wr, return_lse
 
 @torch.library.impl(_LIB, "fmha_fwd", "CUDA")
 def _fmha_fwd_cuda(q, k, v, cu_q, cu_k, max_sq, max_sk, scale, wl, wr, return_lse):
+    out, lse, _ = fmha_fwd_cuda_launch(q, k, v, cu_q, cu_k, max_sq, max_sk, scale, wl, wr, return_lse)
+    return out, lse
+
+
+def fmha_fwd_cuda_launch(
+    q, k, v, cu_q, cu_k, max_sq, max_sk, scale, wl, wr, return_lse
+) -> tuple[torch.Tensor, torch.Tensor, tuple[ctypes.CDLL, bytes] | None]:
+    """The CUDA op's body: its outputs and the launch it made, ``(library, packed parameters)``, or ``None`` when
+    no kernel ran (empty input; the reference ran as the allowed fallback)."""
     out, lse = _alloc(q, return_lse)
     try:
-        _lib.load(q.device)
+        lib = _lib.load(q.device)
     except _lib.KernelUnavailable:
         if not _lib.fallback_allowed():
             raise
-        return _fmha_fwd_cpu(q, k, v, cu_q, cu_k, max_sq, max_sk, scale, wl, wr, return_lse)
+        return (*_fmha_fwd_cpu(q, k, v, cu_q, cu_k, max_sq, max_sk, scale, wl, wr, return_lse), None)
     if q.numel() == 0:
         if return_lse:
             lse.fill_(float("-inf"))
-        return out, lse
-    _lib.fmha_fwd(
+        return out, lse, None
+    params = _lib.fmha_fwd(
         q, k, v, out, lse if return_lse else None,
         cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, seqused_k=None, block_table=None,
         max_seqlen_q=max_sq, max_seqlen_k=max_sk, scale=scale, window_left=wl, window_right=wr,
     )  # fmt: skip
-    return out, lse
+    return out, lse, (lib, params)
 
 
 @torch.library.register_fake("sparsek::fmha_fwd")
