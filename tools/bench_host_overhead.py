@@ -75,7 +75,7 @@ def main() -> None:
     slots = torch.randint(0, 512 * page, (nreq,))
     cases = {
         f"sparsek.attention {b},{s},{h},{d}": lambda: sparsek.attention(q, k, v),
-        "  checked and packed on every call": lambda: without_plans(lambda: sparsek.attention(q, k, v)),
+        "  checked and packed on every call": unplanned(q, k, v),
         "paged decode launch (32 requests)": lambda: paged._paged_attention_cuda_impl(
             qd, kc, vc, table, cu_q, lens, 1, 1000, hd**-0.5, -1, 0, nreq, out, no_lse
         ),
@@ -94,16 +94,17 @@ def main() -> None:
         print(f"{name:40s} {statistics.median(batch(fn) for _ in range(7)):7.2f}")
 
 
-def without_plans(call):
-    """Run ``call`` with the cached launch plans of eager dense calls ignored (every call checked and packed)."""
+def unplanned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """A call of ``sparsek.attention`` with the cached launch plans forgotten first: checked and packed (and its
+    plan made) every time."""
+    import sparsek
     from sparsek import _dense_plans
 
-    lookup = _dense_plans.lookup
-    _dense_plans.lookup = lambda key: None
-    try:
-        return call()
-    finally:
-        _dense_plans.lookup = lookup
+    def call() -> None:
+        _dense_plans.clear()
+        sparsek.attention(q, k, v)
+
+    return call
 
 
 def cuda_split(b: int, s: int, h: int, d: int, calls: int) -> None:
@@ -132,7 +133,7 @@ def cuda_split(b: int, s: int, h: int, d: int, calls: int) -> None:
 
     cases = {
         f"sparsek.attention {b},{s},{h},{d}": lambda: sparsek.attention(q, k, v),
-        "  checked and packed on every call": lambda: without_plans(lambda: sparsek.attention(q, k, v)),
+        "  checked and packed on every call": unplanned(q, k, v),
         "  torch.empty_like(q) alone": lambda: torch.empty_like(q),
         "  library launch, packed parameters": lambda: _lib.launch_fmha(lib, q.device, params),
         "  bare ctypes call (stream given)": lambda: lib.sk_fmha_fwd(params, stream),

@@ -108,7 +108,7 @@ def attention(
     if layout == "bhsd":
         out = out.transpose(1, 2)
     if eager and launch is not None:
-        _dense_plans.store(key, _dense_plans.DensePlan(*launch, out, lse if return_lse else None))
+        _dense_plans.store(key, _dense_plans.DensePlan(*launch, out, lse))
     return (out, lse) if return_lse else out
 
 

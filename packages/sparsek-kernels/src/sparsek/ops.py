@@ -21,10 +21,12 @@ _LIB.define(
 )
 
 
-def _alloc(q: torch.Tensor, return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _alloc(q: torch.Tensor, return_lse: bool, lse_placeholder: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Output like ``q`` and the LSE; without ``return_lse`` an empty LSE tensor (the op's schema returns a tensor)
+    or, with ``lse_placeholder=False``, ``None``."""
     out = torch.empty_like(q)
     if not return_lse:
-        lse = q.new_empty((0,), dtype=torch.float32)
+        lse = q.new_empty((0,), dtype=torch.float32) if lse_placeholder else None
     elif q.dim() == 4:  # [B, S, H, D] -> [B, H, S]
         lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
     else:  # varlen [T, H, D] -> [H, T]
@@ -54,15 +56,16 @@ def _fmha_fwd_cpu(q, k, v, cu_q, cu_k, max_sq, max_sk, scale, wl, wr, return_lse
 @torch.library.impl(_LIB, "fmha_fwd", "CUDA")
 def _fmha_fwd_cuda(q, k, v, cu_q, cu_k, max_sq, max_sk, scale, wl, wr, return_lse):
     out, lse, _ = fmha_fwd_cuda_launch(q, k, v, cu_q, cu_k, max_sq, max_sk, scale, wl, wr, return_lse)
-    return out, lse
+    return out, (lse if lse is not None else q.new_empty((0,), dtype=torch.float32))
 
 
 def fmha_fwd_cuda_launch(
     q, k, v, cu_q, cu_k, max_sq, max_sk, scale, wl, wr, return_lse
-) -> tuple[torch.Tensor, torch.Tensor, tuple[ctypes.CDLL, bytes] | None]:
-    """The CUDA op's body: its outputs and the launch it made, ``(library, packed parameters)``, or ``None`` when
-    no kernel ran (empty input; the reference ran as the allowed fallback)."""
-    out, lse = _alloc(q, return_lse)
+) -> tuple[torch.Tensor, torch.Tensor | None, tuple[ctypes.CDLL, bytes] | None]:
+    """The CUDA op's body: its outputs (the LSE ``None`` unless ``return_lse``; an eager call needs no placeholder)
+    and the launch it made, ``(library, packed parameters)``, or ``None`` when no kernel ran (empty input; the
+    reference ran as the allowed fallback)."""
+    out, lse = _alloc(q, return_lse, lse_placeholder=False)
     try:
         lib = _lib.load(q.device)
     except _lib.KernelUnavailable:
@@ -74,7 +77,7 @@ def fmha_fwd_cuda_launch(
             lse.fill_(float("-inf"))
         return out, lse, None
     params = _lib.fmha_fwd(
-        q, k, v, out, lse if return_lse else None,
+        q, k, v, out, lse,
         cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, seqused_k=None, block_table=None,
         max_seqlen_q=max_sq, max_seqlen_k=max_sk, scale=scale, window_left=wl, window_right=wr,
     )  # fmt: skip
