@@ -78,6 +78,8 @@ def attention(
 
     fp16/bf16 on the GPU with head dims 64, 128 and 256; any floating dtype and head dim on the CPU, where the
     pure-PyTorch reference runs. Works under ``torch.compile`` and CUDA-graph capture (op ``torch.ops.sparsek.fmha_fwd``).
+    Eager calls with plain CUDA tensors skip the dispatcher, and a call with the same shapes, strides, dtypes, devices
+    and options as an earlier one reuses that call's checked launch plan (a few microseconds less host time).
     """
     eager = _eager_cuda(q, k, v)
     if eager:  # a call like an earlier one (shapes, strides, dtypes, devices, options) reuses its checked plan
