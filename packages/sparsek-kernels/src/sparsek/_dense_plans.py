@@ -99,5 +99,5 @@ def store(key: tuple | None, plan: DensePlan) -> None:
 
 
 def clear() -> None:
-    """Forget every plan (tests; a rebuilt library)."""
+    """Forget every plan (tests, benchmarks)."""
     _plans.clear()
