@@ -89,8 +89,13 @@ def main() -> None:
         return (time.perf_counter() - t) / args.calls * 1e6
 
     print(f"sparsek {sparsek.__version__}, torch {torch.__version__}; host side only, us per call")
+    report(cases, batch)
+
+
+def report(cases: dict, batch) -> None:
+    """Print the median of seven timed batches per case (after one warm-up batch)."""
     for name, fn in cases.items():
-        batch(fn)  # warm-up
+        batch(fn)
         print(f"{name:40s} {statistics.median(batch(fn) for _ in range(7)):7.2f}")
 
 
@@ -151,9 +156,7 @@ def cuda_split(b: int, s: int, h: int, d: int, calls: int) -> None:
 
     print(f"sparsek {sparsek.__version__}, torch {torch.__version__}, {torch.cuda.get_device_name()}; fp16 bshd")
     print(f"wall time per eager call (batches of {calls}, synchronized at the end), median of 7, us")
-    for name, fn in cases.items():
-        batch(fn)  # warm-up
-        print(f"{name:40s} {statistics.median(batch(fn) for _ in range(7)):7.2f}")
+    report(cases, batch)
 
 
 if __name__ == "__main__":

@@ -21,12 +21,16 @@ _LIB.define(
 )
 
 
+def _empty_lse(q: torch.Tensor) -> torch.Tensor:
+    return q.new_empty((0,), dtype=torch.float32)
+
+
 def _alloc(q: torch.Tensor, return_lse: bool, lse_placeholder: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Output like ``q`` and the LSE; without ``return_lse`` an empty LSE tensor (the op's schema returns a tensor)
     or, with ``lse_placeholder=False``, ``None``."""
     out = torch.empty_like(q)
     if not return_lse:
-        lse = q.new_empty((0,), dtype=torch.float32) if lse_placeholder else None
+        lse = _empty_lse(q) if lse_placeholder else None
     elif q.dim() == 4:  # [B, S, H, D] -> [B, H, S]
         lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
     else:  # varlen [T, H, D] -> [H, T]
@@ -56,7 +60,7 @@ def _fmha_fwd_cpu(q, k, v, cu_q, cu_k, max_sq, max_sk, scale, wl, wr, return_lse
 @torch.library.impl(_LIB, "fmha_fwd", "CUDA")
 def _fmha_fwd_cuda(q, k, v, cu_q, cu_k, max_sq, max_sk, scale, wl, wr, return_lse):
     out, lse, _ = fmha_fwd_cuda_launch(q, k, v, cu_q, cu_k, max_sq, max_sk, scale, wl, wr, return_lse)
-    return out, (lse if lse is not None else q.new_empty((0,), dtype=torch.float32))
+    return out, (lse if lse is not None else _empty_lse(q))
 
 
 def fmha_fwd_cuda_launch(
