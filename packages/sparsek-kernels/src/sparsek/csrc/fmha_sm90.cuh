@@ -70,6 +70,10 @@ __device__ __forceinline__ uint4 ld_shared_v4(uint32_t addr) {
                : "memory");
   return v;
 }
+__device__ __forceinline__ void st_shared_v4(uint32_t addr, int4 v) {
+  asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+               : "memory");
+}
 __device__ __forceinline__ void st_global_v4(void* ptr, uint4 v) {
   asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(ptr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
                : "memory");
@@ -294,8 +298,10 @@ struct Sm90Traits {
   // (Every KB counts: past 196 KB of shared memory the L1 carve-out drops from ~60 KB to ~28 KB.)
   static constexpr int kPosArrays = 1 + (kIntervals ? 1 : 0);
   static constexpr int kSmemMax = 232448;  // 227 KB: the most dynamic shared memory one CTA may use
+  // Barriers (bytes 0-191), index-mode tile maxima (192-255), the two Q buffers' work items (256-383, ItemSlot).
+  static constexpr int kBarrierBytes = 384;
   static constexpr int kSmemBytes = 1024 /*alignment slack*/ + 2 * kQBytes + 2 * kStages * kKVBytes +
-                                    256 /*barriers*/ + kPosArrays * kPosBytes /*positions, intervals*/ + kPartialBytes;
+                                    kBarrierBytes + kPosArrays * kPosBytes /*positions, intervals*/ + kPartialBytes;
   static_assert(kSmemBytes <= kSmemMax, "shared memory: too many stages");
 };
 
@@ -308,6 +314,37 @@ struct WorkTile {
   int list_n, n_list;
   bool valid;
 };
+
+// What the consumers need of a work item. The thread that loads the item's Q computes the item (a chain of integer
+// divisions by run-time sizes, and for index lists a global load of the list length) and publishes it next to the Q
+// buffer with the Q load's barrier arrival, so the consumers only read 64 bytes of shared memory between items
+// (PERF_NOTES v37: computing it themselves took 530-900 cycles on their critical path at every item boundary).
+// n_tiles < 0 marks the end of the CTA's work.
+struct ItemSlot {
+  int b, h, m0, q_start, sq, off, pos_min, pos_max, lo, hi, n_tiles, n_list, item, pad0, pad1, pad2;
+};
+static_assert(sizeof(ItemSlot) == 64, "two slots fill bytes 256-383 of the barrier block");
+
+__device__ __forceinline__ void publish_item(uint32_t slot, const WorkTile& w, int item) {
+  st_shared_v4(slot, make_int4(w.b, w.h, w.m0, w.q_start));
+  st_shared_v4(slot + 16, make_int4(w.sq, w.off, w.pos_min, w.pos_max));
+  st_shared_v4(slot + 32, make_int4(w.lo, w.hi, w.n_tiles, w.n_list));
+  st_shared_b32(slot + 48, (uint32_t)item);
+}
+__device__ __forceinline__ void publish_end(uint32_t slot) { st_shared_b32(slot + 40, (uint32_t)-1); }
+
+// Reads a published work item (after its Q barrier completed). The fields the consumers do not use stay zero.
+__device__ __forceinline__ WorkTile read_item(uint32_t slot, int* item) {
+  WorkTile w{};
+  const uint4 a = ld_shared_v4(slot), b = ld_shared_v4(slot + 16), c = ld_shared_v4(slot + 32),
+              d = ld_shared_v4(slot + 48);
+  w.b = (int)a.x, w.h = (int)a.y, w.m0 = (int)a.z, w.q_start = (int)a.w;
+  w.sq = (int)b.x, w.off = (int)b.y, w.pos_min = (int)b.z, w.pos_max = (int)b.w;
+  w.lo = (int)c.x, w.hi = (int)c.y, w.n_tiles = (int)c.z, w.n_list = (int)c.w;
+  w.valid = w.n_tiles >= 0;
+  *item = (int)d.x;
+  return w;
+}
 
 // Work item i -> tile. The query block varies fastest, so CTAs running at the same time share one head's K/V in L2;
 // causal problems visit each head's heaviest (last) query blocks first. With `splits` > 1 (split-KV, no index lists)
@@ -398,10 +435,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const int split = splits > 1 ? (int)cluster_ctarank() : 0;
   const int first_item = blockIdx.x / splits, item_stride = gridDim.x / splits;
   uint64_t* q_empty = v_empty + kStages;  // [2]
-  int* sPos = reinterpret_cast<int*>(base + 2 * Tr::kQBytes + 2 * kStages * Tr::kKVBytes + 256);  // [kStages][kBN]
+  int* sPos = reinterpret_cast<int*>(base + 2 * Tr::kQBytes + 2 * kStages * Tr::kKVBytes + Tr::kBarrierBytes);
+  // [kStages][kBN]
+  const uint32_t item_slots = smem_u32(reinterpret_cast<unsigned char*>(bars) + 256);  // ItemSlot[2]
   int* sIv = sPos + kStages * kBN;  // [kStages][kBN] query intervals of listed keys (kv_intervals)
   // Split keys: per consumer warpgroup [kPartialFloats / 2][128]: half of its partial O rows, its row maxima and sums.
-  float* sPart = reinterpret_cast<float*>(base + 2 * Tr::kQBytes + 2 * kStages * Tr::kKVBytes + 256 +
+  float* sPart = reinterpret_cast<float*>(base + 2 * Tr::kQBytes + 2 * kStages * Tr::kKVBytes + Tr::kBarrierBytes +
                                           Tr::kPosArrays * Tr::kPosBytes);
   static_assert((4 + 4 * kStages) * 8 <= 192, "barriers must fit the first 192 of their 256 bytes");
   // Index mode: per stage and producer warp, the largest key position of the warp's 32 tile rows, or INT_MAX when
@@ -468,6 +507,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           if (do_k && tid == 0) {
             const int qbuf = n_items & 1;
             if (n_items >= 2) mbar_wait(&q_empty[qbuf], ((n_items >> 1) - 1) & 1);
+            publish_item(item_slots + qbuf * 64, w, item);  // released by the arrival below
             mbar_expect_tx(&q_full[qbuf], Tr::kQBytes);
             T* dQ = sQ + qbuf * (Tr::kQBytes / 2);
             for (int c = 0; c < kBlocksD; ++c)
@@ -552,6 +592,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           }
           ++n_items;
         }
+        if (do_k && tid == 0) {  // no further item: the consumers leave
+          const int qbuf = n_items & 1;
+          if (n_items >= 2) mbar_wait(&q_empty[qbuf], ((n_items >> 1) - 1) & 1);
+          publish_end(item_slots + qbuf * 64);
+          mbar_arrive(&q_full[qbuf]);
+        }
       };
       if constexpr (Tr::kProducerWGs == 2) {
         if (wg == 0) index_producer(std::integral_constant<int, 0>{});
@@ -569,6 +615,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         const int qb = p.cu_seqlens_q ? 0 : w.b, kb = p.cu_seqlens_k ? 0 : w.b;
         const int qbuf = n_items & 1;
         if (n_items >= 2) mbar_wait(&q_empty[qbuf], ((n_items >> 1) - 1) & 1);  // consumers done with that buffer
+        publish_item(item_slots + qbuf * 64, w, item);  // released by the arrival below
         mbar_expect_tx(&q_full[qbuf], Tr::kQBytes);
         T* dQ = sQ + qbuf * (Tr::kQBytes / 2);
         for (int c = 0; c < kBlocksD; ++c)
@@ -590,6 +637,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         }
         ++n_items;
       }
+      const int qbuf = n_items & 1;  // no further item: the consumers leave
+      if (n_items >= 2) mbar_wait(&q_empty[qbuf], ((n_items >> 1) - 1) & 1);
+      publish_end(item_slots + qbuf * 64);
+      mbar_arrive(&q_full[qbuf]);
     }
     return;
   }
@@ -749,14 +800,20 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 
   // The epilogue stages O in the Q buffer where O's base and strides allow 16-byte stores (not with split keys: both
   // warpgroups share those rows); Q is released after the epilogue.
-  constexpr bool kStageO = !Tr::kSplitKeys;
+  // Dense head dim 128 stores O straight from registers instead, a quad's lanes swapping half their columns so each
+  // lane writes 8 contiguous bytes (full 32-byte sectors too): measured faster there (PERF_NOTES v37), while head dim
+  // 64 and the index-list kernels measured faster with the staging.
+  constexpr bool kShuffleO = !Tr::kSplitKeys && !Tr::kIndex && kD == 128;
+  constexpr bool kStageO = !Tr::kSplitKeys && !kShuffleO;
   const bool o_aligned16 =
       ((reinterpret_cast<uintptr_t>(p.o) | (uintptr_t)((p.o_row_stride | p.o_batch_stride | p.o_head_stride) *
                                                        (int64_t)sizeof(T))) & 15) == 0;
-  int n_items = 0;
-  for (int item = first_item; item < num_items; item += item_stride) {
-    w = work_tile<kBM, kBN, Tr::kHalfRows>(p, item, num_m, split, splits);
-    if (!w.valid) continue;
+  for (int n_items = 0;; ++n_items) {
+    // The next work item and its Q, both published by the producer (ItemSlot).
+    mbar_wait(&q_full[n_items & 1], (n_items >> 1) & 1);
+    int item;
+    w = read_item(item_slots + (n_items & 1) * 64, &item);
+    if (!w.valid) break;
     qpos[0] = w.m0 + r0 + w.off;
     qpos[1] = qpos[0] + 8;
 #pragma unroll
@@ -764,7 +821,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     row_max[0] = row_max[1] = -INFINITY;
     row_sum[0] = row_sum[1] = 0.f;
     sQc = sQ + (n_items & 1) * (Tr::kQBytes / 2);
-    mbar_wait(&q_full[n_items & 1], (n_items >> 1) & 1);
     if (t_first < w.n_tiles) {
       float corr[2];
       if constexpr (Tr::kPipeline) {
@@ -930,7 +986,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       cluster_sync();  // no CTA leaves while another still reads its shared memory
       if constexpr (kStageO) mbar_arrive(&q_empty[n_items & 1]);
       kv_base += w.n_tiles;
-      ++n_items;
       continue;
     }
     const float inv[2] = {row_sum[0] > 0.f ? 1.f / row_sum[0] : 0.f, row_sum[1] > 0.f ? 1.f / row_sum[1] : 0.f};
@@ -964,6 +1019,30 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         if (p.lse && t4 == 0 && row < w.sq)
           p.lse[w.b * p.lse_batch_stride + w.h * p.lse_head_stride + w.q_start + row] = row_lse(row_max[r], row_sum[r]);
       }
+    } else if (kShuffleO && o_aligned16) {
+      // Each thread pair of a quad swaps half its packed columns (one shuffle per two 8-column chunks), so every lane
+      // stores 8 contiguous bytes and a quad covers a whole 32-byte sector of the row.
+      const bool odd = t4 & 1;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = w.m0 + r0 + 8 * r;
+        T* orow = obase + (int64_t)row * p.o_row_stride;
+#pragma unroll
+        for (int m = 0; m < kDT / 2; ++m) {
+          const uint32_t a =
+              Pack2<T>::pack(acc_o[(2 * m) * 4 + 2 * r] * inv[r], acc_o[(2 * m) * 4 + 2 * r + 1] * inv[r]);
+          const uint32_t b =
+              Pack2<T>::pack(acc_o[(2 * m + 1) * 4 + 2 * r] * inv[r], acc_o[(2 * m + 1) * 4 + 2 * r + 1] * inv[r]);
+          const uint32_t got = __shfl_xor_sync(0xffffffffu, odd ? a : b, 1);
+          const int col = odd ? (2 * m + 1) * 8 + 2 * (t4 - 1) : (2 * m) * 8 + 2 * t4;
+          if (row < w.sq) {
+            const uint32_t lo = odd ? got : a, hi = odd ? b : got;
+            asm volatile("st.global.v2.b32 [%0], {%1, %2};\n" ::"l"(orow + col), "r"(lo), "r"(hi) : "memory");
+          }
+        }
+        if (p.lse && t4 == 0 && row < w.sq)
+          p.lse[w.b * p.lse_batch_stride + w.h * p.lse_head_stride + w.q_start + row] = row_lse(row_max[r], row_sum[r]);
+      }
     } else {
 #pragma unroll
       for (int r = 0; r < Tr::kRows; ++r) {
@@ -988,7 +1067,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       mbar_arrive(&q_empty[n_items & 1]);
     }
     kv_base += w.n_tiles;
-    ++n_items;
   }
   if constexpr (Tr::kPingPong) {
     if (wg == 1) asm volatile("bar.sync 1, 256;\n" ::: "memory");  // consume the last warpgroup's last arrive
