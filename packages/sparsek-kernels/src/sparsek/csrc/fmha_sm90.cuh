@@ -298,7 +298,7 @@ struct Sm90Traits {
   // (Every KB counts: past 196 KB of shared memory the L1 carve-out drops from ~60 KB to ~28 KB.)
   static constexpr int kPosArrays = 1 + (kIntervals ? 1 : 0);
   static constexpr int kSmemMax = 232448;  // 227 KB: the most dynamic shared memory one CTA may use
-  // Barriers (bytes 0-191), index-mode tile maxima (192-255), the two Q buffers' work items (256-383, ItemSlot).
+  // Barriers (bytes 0-191), index-mode tile maxima (192-255), the two Q buffers' work items (256-383, publish_item).
   static constexpr int kBarrierBytes = 384;
   static constexpr int kSmemBytes = 1024 /*alignment slack*/ + 2 * kQBytes + 2 * kStages * kKVBytes +
                                     kBarrierBytes + kPosArrays * kPosBytes /*positions, intervals*/ + kPartialBytes;
@@ -319,11 +319,9 @@ struct WorkTile {
 // divisions by run-time sizes, and for index lists a global load of the list length) and publishes it next to the Q
 // buffer with the Q load's barrier arrival, so the consumers only read 64 bytes of shared memory between items
 // (PERF_NOTES v37: computing it themselves took 530-900 cycles on their critical path at every item boundary).
-// n_tiles < 0 marks the end of the CTA's work.
-struct ItemSlot {
-  int b, h, m0, q_start, sq, off, pos_min, pos_max, lo, hi, n_tiles, n_list, item, pad0, pad1, pad2;
-};
-static_assert(sizeof(ItemSlot) == 64, "two slots fill bytes 256-383 of the barrier block");
+// A slot holds, as 32-bit words: b, h, m0, q_start | sq, off, pos_min, pos_max | lo, hi, n_tiles, n_list | item;
+// n_tiles < 0 marks the end of the CTA's work. Two slots (one per Q buffer) fill bytes 256-383 of the barrier block.
+constexpr uint32_t kItemSlotBytes = 64, kItemSlotNTiles = 40;  // slot size, byte offset of n_tiles
 
 __device__ __forceinline__ void publish_item(uint32_t slot, const WorkTile& w, int item) {
   st_shared_v4(slot, make_int4(w.b, w.h, w.m0, w.q_start));
@@ -331,7 +329,7 @@ __device__ __forceinline__ void publish_item(uint32_t slot, const WorkTile& w, i
   st_shared_v4(slot + 32, make_int4(w.lo, w.hi, w.n_tiles, w.n_list));
   st_shared_b32(slot + 48, (uint32_t)item);
 }
-__device__ __forceinline__ void publish_end(uint32_t slot) { st_shared_b32(slot + 40, (uint32_t)-1); }
+__device__ __forceinline__ void publish_end(uint32_t slot) { st_shared_b32(slot + kItemSlotNTiles, (uint32_t)-1); }
 
 // Reads a published work item (after its Q barrier completed). The fields the consumers do not use stay zero.
 __device__ __forceinline__ WorkTile read_item(uint32_t slot, int* item) {
@@ -435,9 +433,18 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const int split = splits > 1 ? (int)cluster_ctarank() : 0;
   const int first_item = blockIdx.x / splits, item_stride = gridDim.x / splits;
   uint64_t* q_empty = v_empty + kStages;  // [2]
-  int* sPos = reinterpret_cast<int*>(base + 2 * Tr::kQBytes + 2 * kStages * Tr::kKVBytes + Tr::kBarrierBytes);
   // [kStages][kBN]
-  const uint32_t item_slots = smem_u32(reinterpret_cast<unsigned char*>(bars) + 256);  // ItemSlot[2]
+  int* sPos = reinterpret_cast<int*>(base + 2 * Tr::kQBytes + 2 * kStages * Tr::kKVBytes + Tr::kBarrierBytes);
+  // The work item published with Q buffer i (publish_item) is at slot(i).
+  const uint32_t item_slot0 = smem_u32(reinterpret_cast<unsigned char*>(bars) + 256);
+  auto slot = [&](int qbuf) { return item_slot0 + qbuf * kItemSlotBytes; };
+  // After the last item: an end marker with the next Q buffer's barrier, once the consumers are done with it.
+  auto publish_end_of_work = [&](int n_items) {
+    const int qbuf = n_items & 1;
+    if (n_items >= 2) mbar_wait(&q_empty[qbuf], ((n_items >> 1) - 1) & 1);
+    publish_end(slot(qbuf));
+    mbar_arrive(&q_full[qbuf]);
+  };
   int* sIv = sPos + kStages * kBN;  // [kStages][kBN] query intervals of listed keys (kv_intervals)
   // Split keys: per consumer warpgroup [kPartialFloats / 2][128]: half of its partial O rows, its row maxima and sums.
   float* sPart = reinterpret_cast<float*>(base + 2 * Tr::kQBytes + 2 * kStages * Tr::kKVBytes + Tr::kBarrierBytes +
@@ -507,7 +514,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           if (do_k && tid == 0) {
             const int qbuf = n_items & 1;
             if (n_items >= 2) mbar_wait(&q_empty[qbuf], ((n_items >> 1) - 1) & 1);
-            publish_item(item_slots + qbuf * 64, w, item);  // released by the arrival below
+            publish_item(slot(qbuf), w, item);  // released by the arrival below
             mbar_expect_tx(&q_full[qbuf], Tr::kQBytes);
             T* dQ = sQ + qbuf * (Tr::kQBytes / 2);
             for (int c = 0; c < kBlocksD; ++c)
@@ -592,12 +599,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           }
           ++n_items;
         }
-        if (do_k && tid == 0) {  // no further item: the consumers leave
-          const int qbuf = n_items & 1;
-          if (n_items >= 2) mbar_wait(&q_empty[qbuf], ((n_items >> 1) - 1) & 1);
-          publish_end(item_slots + qbuf * 64);
-          mbar_arrive(&q_full[qbuf]);
-        }
+        if (do_k && tid == 0) publish_end_of_work(n_items);
       };
       if constexpr (Tr::kProducerWGs == 2) {
         if (wg == 0) index_producer(std::integral_constant<int, 0>{});
@@ -615,7 +617,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         const int qb = p.cu_seqlens_q ? 0 : w.b, kb = p.cu_seqlens_k ? 0 : w.b;
         const int qbuf = n_items & 1;
         if (n_items >= 2) mbar_wait(&q_empty[qbuf], ((n_items >> 1) - 1) & 1);  // consumers done with that buffer
-        publish_item(item_slots + qbuf * 64, w, item);  // released by the arrival below
+        publish_item(slot(qbuf), w, item);  // released by the arrival below
         mbar_expect_tx(&q_full[qbuf], Tr::kQBytes);
         T* dQ = sQ + qbuf * (Tr::kQBytes / 2);
         for (int c = 0; c < kBlocksD; ++c)
@@ -637,10 +639,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         }
         ++n_items;
       }
-      const int qbuf = n_items & 1;  // no further item: the consumers leave
-      if (n_items >= 2) mbar_wait(&q_empty[qbuf], ((n_items >> 1) - 1) & 1);
-      publish_end(item_slots + qbuf * 64);
-      mbar_arrive(&q_full[qbuf]);
+      publish_end_of_work(n_items);
     }
     return;
   }
@@ -663,6 +662,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   int kv_base = 0;  // K/V tiles consumed by this CTA before the current work item
   WorkTile w{};  // the current work tile (assigned per item; the lambdas below read it)
   const T* sQc = sQ;  // the current work item's Q buffer (the lambdas below read it)
+  // The LSE of the current item's query `row` (row within its sequence).
+  auto lse_at = [&](int row) -> float& {
+    return p.lse[w.b * p.lse_batch_stride + w.h * p.lse_head_stride + w.q_start + row];
+  };
 
   // Software pipeline (FA3's intra-warpgroup overlap): while the tensor cores run O += P_{j-1} V_{j-1}, this warpgroup
   // computes the softmax of S_j. Empty barriers are per operand, so K_j's slot is released as soon as S_j is done.
@@ -809,10 +812,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       ((reinterpret_cast<uintptr_t>(p.o) | (uintptr_t)((p.o_row_stride | p.o_batch_stride | p.o_head_stride) *
                                                        (int64_t)sizeof(T))) & 15) == 0;
   for (int n_items = 0;; ++n_items) {
-    // The next work item and its Q, both published by the producer (ItemSlot).
+    // The next work item and its Q, both published by the producer (publish_item).
     mbar_wait(&q_full[n_items & 1], (n_items >> 1) & 1);
     int item;
-    w = read_item(item_slots + (n_items & 1) * 64, &item);
+    w = read_item(slot(n_items & 1), &item);
     if (!w.valid) break;
     qpos[0] = w.m0 + r0 + w.off;
     qpos[1] = qpos[0] + 8;
@@ -979,8 +982,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           reinterpret_cast<uint32_t*>(dst)[0] = Pack2<T>::pack(o.x * inv, o.y * inv);
           reinterpret_cast<uint32_t*>(dst)[1] = Pack2<T>::pack(o.z * inv, o.w * inv);
           if (p.lse && c4 == 0)
-            p.lse[w.b * p.lse_batch_stride + w.h * p.lse_head_stride + w.q_start + q_row] =
-                row_lse(m_all, l_all);
+            lse_at(q_row) = row_lse(m_all, l_all);
         }
       }
       cluster_sync();  // no CTA leaves while another still reads its shared memory
@@ -1017,7 +1019,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       for (int r = 0; r < 2; ++r) {
         const int row = w.m0 + r0 + 8 * r;
         if (p.lse && t4 == 0 && row < w.sq)
-          p.lse[w.b * p.lse_batch_stride + w.h * p.lse_head_stride + w.q_start + row] = row_lse(row_max[r], row_sum[r]);
+          lse_at(row) = row_lse(row_max[r], row_sum[r]);
       }
     } else if (kShuffleO && o_aligned16) {
       // Each thread pair of a quad swaps half its packed columns (one shuffle per two 8-column chunks), so every lane
@@ -1041,7 +1043,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           }
         }
         if (p.lse && t4 == 0 && row < w.sq)
-          p.lse[w.b * p.lse_batch_stride + w.h * p.lse_head_stride + w.q_start + row] = row_lse(row_max[r], row_sum[r]);
+          lse_at(row) = row_lse(row_max[r], row_sum[r]);
       }
     } else {
 #pragma unroll
@@ -1056,8 +1058,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
                 Pack2<T>::pack(acc_o[dt * 4 + 2 * r] * inv[r], acc_o[dt * 4 + 2 * r + 1] * inv[r]);
           }
           if (p.lse && t4 == 0 && (!Tr::kSplitKeys || wg == 1)) {
-            p.lse[w.b * p.lse_batch_stride + w.h * p.lse_head_stride + w.q_start + row] =
-                row_lse(row_max[r], row_sum[r]);
+            lse_at(row) = row_lse(row_max[r], row_sum[r]);
           }
         }
       }
