@@ -1,7 +1,9 @@
 """Benchmark of sparsek's sparse attention against dense SDPA (cuDNN, flash) and FlexAttention on one GPU.
 
-Two sweeps, timed with CUDA events (median of ``--iters`` calls queued back to back after ``--warmup``), in one
-process:
+Two sweeps in one process, every row timed the same way: by default (``--timing events``) the median of ``--iters``
+calls queued back to back after ``--warmup``, each between two CUDA events; with ``--timing graph``, the median over
+``--iters`` replays of a CUDA graph of up to 20 calls (as ``tools/bench_attention.py`` times the dense table),
+falling back to CUDA events for a call that cannot be captured (the row then says ``[events]``).
 
 1. **SparseK layer** (causal, per-key scores ``[B, H, S]``): sequence length × budget ``k`` with a local window.
    Rows: selection kernel alone; per-query top-k attention (gather kernel, the paper's exact semantics);
@@ -32,7 +34,7 @@ import sparsek
 import torch
 from sparsek import sparse
 from sparsek.reference.sparse import select_limits
-from sparsek.testing import compiled_flex_attention, cuda_event_time_us
+from sparsek.testing import compiled_flex_attention, cuda_event_time_us, cuda_graph_time_us
 
 
 def fits(nbytes: float, frac: float = 0.6) -> bool:
@@ -49,9 +51,22 @@ class Runner:
         self.args = args
         self.rows: list[dict] = []
         self.flex = None
+        self.fell_back = False  # the last timed call could not be captured and was timed with events
 
     def time(self, fn) -> float | None:
+        self.fell_back = False
         try:
+            if self.args.timing == "graph":
+                try:
+                    once = cuda_event_time_us(fn, 1, self.args.warmup)
+                    calls = max(1, min(20, int(20000.0 / max(once, 1.0))))  # about 20 ms of work per replay
+                    return cuda_graph_time_us(fn, calls=calls, replays=self.args.iters)
+                except torch.OutOfMemoryError:
+                    raise
+                except Exception as e:  # host synchronization inside the call: time it with events
+                    torch.cuda.synchronize()
+                    print(f"  not capturable ({type(e).__name__}): timed with CUDA events")
+                    self.fell_back = True
             return cuda_event_time_us(fn, self.args.iters, self.args.warmup)
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
@@ -65,6 +80,7 @@ class Runner:
         if us is None:
             return
         a = self.args
+        impl = impl + (" [events]" if self.fell_back else "")
         row = dict(sweep=sweep, S=s, param=param, impl=impl, us=us, tflops=tflops(pairs, a.d, a.heads, us))
         row["speedup"] = (dense_us / us) if dense_us else float("nan")
         self.rows.append(row)
@@ -216,6 +232,13 @@ class Runner:
         param = f"{density:.0%}"
         dense = self.dense(q, k, v, s)
         self.add("block-sparse", s, param, "dense SDPA cuDNN (causal)", dense["cudnn"], s * (s + 1) / 2, dense["cudnn"])
+        # Our own dense kernel at the same shape: the base of the "80% of our dense TFLOP/s" target.
+        for causal in (False, True):
+            t_d = self.time(lambda causal=causal: sparsek.attention(q, k, v, causal=causal))
+            pairs_d = s * (s + 1) / 2 if causal else float(s * s)
+            self.add(
+                "block-sparse", s, param, f"sparsek dense ({'causal' if causal else 'not causal'})", t_d, pairs_d, None
+            )
         starts = (blocks * bs).contiguous()
         counts = torch.full((b, h, nb), keep, dtype=torch.int32, device="cuda")
         t_r = self.time(
@@ -249,8 +272,13 @@ def write_report(runner: Runner, out: Path, args: argparse.Namespace) -> None:
         f"- GPU: {gpu}; torch {torch.__version__}; CUDA {torch.version.cuda}; sparsek {sparsek.__version__}",
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
         f"- shape: B=1, H={args.heads} (MHA), D={args.d}, dtype {str(args.dtype).removeprefix('torch.')}; "
-        f"window {args.window}; block 128; median of {args.iters} calls queued back to back (CUDA events per call) "
-        f"after {args.warmup} warmup",
+        f"window {args.window}; block 128; "
+        + (
+            f"median of {args.iters} replays of a CUDA graph of up to 20 calls ([events]: not capturable, timed "
+            "with CUDA events)"
+            if args.timing == "graph"
+            else f"median of {args.iters} calls queued back to back (CUDA events per call) after {args.warmup} warmup"
+        ),
         "- TFLOP/s on kept (query, key) pairs only; speedup vs dense causal SDPA cuDNN at the same S",
     ]
     write_rows(runner.rows, header, gpu, out)
@@ -349,7 +377,8 @@ def main() -> None:
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--iters", type=int, default=10, help="graph replays (or timed calls with --timing events)")
+    p.add_argument("--timing", default="events", choices=["graph", "events"], help="see the module docstring")
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention (no torch.compile)")
     p.add_argument("--target", action="store_true", help="only the issue's target: S=32768, k=2048, densities")
     p.add_argument("--skip-block-sparse", action="store_true")

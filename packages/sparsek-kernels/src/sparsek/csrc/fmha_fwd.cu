@@ -226,6 +226,10 @@ static bool try_launch_sm90(const SkFmhaParams& p, cudaStream_t stream, cudaErro
       !make_map(&tma.v, p.v, bf16, kD, p.total_k, p.heads_kv, varlen_k ? 1 : p.batch, p.v_row_stride,
                 p.v_head_stride, p.v_batch_stride, kBN))
     return false;
+  // O's map for the index-list kernels' bulk-store epilogue (optional: without it they store with st.global).
+  tma.o_ok = kIndex && !varlen_q &&
+             make_map(&tma.o, p.o, bf16, kD, p.total_q, p.heads_q, p.batch, p.o_row_stride, p.o_head_stride,
+                      p.o_batch_stride, 64);
   auto kernel = sm90::fmha_sm90_kernel<Tr>;
   static std::atomic<uint64_t> smem_set{0};
   if (const cudaError_t e = sparsek_device::allow_dynamic_smem(smem_set, (const void*)kernel, Tr::kSmemBytes)) {

@@ -88,6 +88,22 @@ __device__ __forceinline__ void tma_load_4d(void* dst, const CUtensorMap* map, u
       : "memory");
 }
 
+// O tile rows (64 columns x box rows, 128-byte swizzle) from shared memory to global by the bulk copy engine; rows past
+// the tensor's extent are not written.
+__device__ __forceinline__ void tma_store_4d(const CUtensorMap* map, const void* src, int c0, int c1, int c2, int c3) {
+  asm volatile("cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [%0, {%1, %2, %3, %4}], [%5];\n" ::"l"(
+                   reinterpret_cast<uint64_t>(map)),
+               "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(smem_u32(src))
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// Waits until the committed bulk stores have read their shared memory (Read) or completed.
+template <bool kRead>
+__device__ __forceinline__ void bulk_wait_all() {
+  if constexpr (kRead) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+  else asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+}
+
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
@@ -195,6 +211,10 @@ __device__ __forceinline__ void gather_rows(T* tile, const T* base, int warp, in
 
 struct TmaParams {
   CUtensorMap q, k, v;
+  // Index-list kernels (not varlen): O's map (64-row boxes, one per consumer warpgroup) when O's layout allows one
+  // (o_ok), for the epilogue's bulk stores.
+  CUtensorMap o;
+  int o_ok;
   // Split-KV (dense/varlen only): the keys of one query block are divided among `splits` CTAs of one thread-block
   // cluster (cluster rank = split), which combine their partial results through distributed shared memory.
   int splits;
@@ -808,6 +828,20 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   // 64 and the index-list kernels measured faster with the staging.
   constexpr bool kShuffleO = !Tr::kSplitKeys && !Tr::kIndex && kD == 128;
   constexpr bool kStageO = !Tr::kSplitKeys && !kShuffleO;
+  // Index lists, where the launcher could map O (tma.o_ok: not varlen): the staged O leaves by bulk tensor stores; the
+  // thread that issues them releases the Q buffer only once they have read it, after the next item's first S GEMM is
+  // issued (dense head dim 64 measured slower with them, PERF_NOTES v38).
+  constexpr bool kTmaO = Tr::kIndex && kStageO;
+  int q_release = -1;  // the Q buffer whose release waits for this warpgroup's bulk stores (-1: none)
+  auto release_staged_q = [&]() {
+    if (kTmaO && q_release >= 0) {
+      if (ctid == 0) {
+        bulk_wait_all<true>();
+        mbar_arrive(&q_empty[q_release]);
+      }
+      q_release = -1;
+    }
+  };
   const bool o_aligned16 =
       ((reinterpret_cast<uintptr_t>(p.o) | (uintptr_t)((p.o_row_stride | p.o_batch_stride | p.o_head_stride) *
                                                        (int64_t)sizeof(T))) & 15) == 0;
@@ -824,12 +858,14 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     row_max[0] = row_max[1] = -INFINITY;
     row_sum[0] = row_sum[1] = 0.f;
     sQc = sQ + (n_items & 1) * (Tr::kQBytes / 2);
+    if (!Tr::kPipeline || t_first >= w.n_tiles) release_staged_q();
     if (t_first < w.n_tiles) {
       float corr[2];
       if constexpr (Tr::kPipeline) {
         gemm_turn_begin();
         issue_s(t_first);
         gemm_turn_end();
+        release_staged_q();
         wgmma_wait<0>();
         fence_operands<kBN / 2>(acc_s);
         if constexpr (!Tr::kIndex) mbar_arrive(&k_empty[(kv_base + t_first) % kStages]);  // index mode: in softmax
@@ -1005,15 +1041,30 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           st_shared_b32(stage + (dt >> 3) * (kBM * 128) + rr * 128 + (((dt & 7) ^ (rr & 7)) << 4) + 4 * t4,
                         Pack2<T>::pack(acc_o[dt * 4 + 2 * r] * inv[r], acc_o[dt * 4 + 2 * r + 1] * inv[r]));
       }
-      __syncwarp();
-      constexpr int kRowsPerPass = 32 / kDT;  // rows of 16-byte units one warp instruction covers
-      const int unit = lane % kDT;
+      if (kTmaO && tma.o_ok) {
+        // The staged rows are the O map's swizzled layout: one thread stores the warpgroup's 64 rows with the bulk
+        // copy engine (rows past the sequence end are clipped) and releases the Q buffer once they are read.
+        fence_proxy_async();
+        asm volatile("bar.sync %0, 128;\n" ::"r"(11 + wg) : "memory");
+        if (ctid == 0) {
 #pragma unroll
-      for (int i = 0; i < 16 / kRowsPerPass; ++i) {
-        const int rr = wrow + warp * 16 + i * kRowsPerPass + lane / kDT;
-        const uint4 val = ld_shared_v4(stage + (unit >> 3) * (kBM * 128) + rr * 128 + (((unit & 7) ^ (rr & 7)) << 4));
-        const int row = w.m0 + rr;
-        if (row < w.sq) st_global_v4(obase + (int64_t)row * p.o_row_stride + unit * 8, val);
+          for (int c = 0; c < kBlocksD; ++c)
+            tma_store_4d(&tma.o, sQc + c * kBM * 64 + wrow * 64, c * 64, w.q_start + w.m0 + wrow, w.h, w.b);
+          bulk_commit();
+        }
+        q_release = n_items & 1;
+      } else {
+        __syncwarp();
+        constexpr int kRowsPerPass = 32 / kDT;  // rows of 16-byte units one warp instruction covers
+        const int unit = lane % kDT;
+#pragma unroll
+        for (int i = 0; i < 16 / kRowsPerPass; ++i) {
+          const int rr = wrow + warp * 16 + i * kRowsPerPass + lane / kDT;
+          const uint4 val =
+              ld_shared_v4(stage + (unit >> 3) * (kBM * 128) + rr * 128 + (((unit & 7) ^ (rr & 7)) << 4));
+          const int row = w.m0 + rr;
+          if (row < w.sq) st_global_v4(obase + (int64_t)row * p.o_row_stride + unit * 8, val);
+        }
       }
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
@@ -1065,12 +1116,15 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     }
     if constexpr (kStageO) {
       fence_proxy_async();  // generic accesses to this Q buffer come before the next TMA load into it
-      mbar_arrive(&q_empty[n_items & 1]);
+      if (!(kTmaO && q_release >= 0 && ctid == 0)) mbar_arrive(&q_empty[n_items & 1]);
     }
     kv_base += w.n_tiles;
   }
   if constexpr (Tr::kPingPong) {
     if (wg == 1) asm volatile("bar.sync 1, 256;\n" ::: "memory");  // consume the last warpgroup's last arrive
+  }
+  if constexpr (kTmaO) {
+    if (ctid == 0) bulk_wait_all<false>();  // the last bulk stores have completed
   }
 
 #endif
