@@ -126,6 +126,10 @@ def main() -> None:
     args.densities = [float(x) for x in args.densities.split(",")]
     if args.seqlen % 128:
         p.error("--seqlen must be a multiple of 128")
+    if not all(0.0 < x <= 1.0 for x in args.densities):
+        p.error("--densities must lie in (0, 1]")
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA GPU")
 
     rows, base = [], {}
     for name, tiles, flops, fn in workloads(args):
