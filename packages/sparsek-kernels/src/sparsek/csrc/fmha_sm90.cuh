@@ -97,6 +97,23 @@ __device__ __forceinline__ void tma_store_4d(const CUtensorMap* map, const void*
                : "memory");
 }
 __device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// Single-thread steps inside the consumers' item loop as predicated instructions, not branches: a divergent branch
+// there made ptxas build the tile loop's wgmma descriptors in vector registers (PERF_NOTES v15, v50).
+__device__ __forceinline__ void tma_store_4d_if(bool pred, const CUtensorMap* map, const void* src, int c0, int c1,
+                                                int c2, int c3) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %6, 0;\n"
+      "@p cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [%0, {%1, %2, %3, %4}], [%5];\n}\n" ::"l"(
+          reinterpret_cast<uint64_t>(map)),
+      "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(smem_u32(src)), "r"((int)pred)
+      : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_if(bool pred, uint64_t* bar) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %1, 0;\n@p mbarrier.arrive.shared::cta.b64 _, [%0];\n}\n" ::"r"(
+                   smem_u32(bar)),
+               "r"((int)pred)
+               : "memory");
+}
 // Waits until the committed bulk stores have read their shared memory (Read) or completed.
 template <bool kRead>
 __device__ __forceinline__ void bulk_wait_all() {
@@ -682,6 +699,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   int kv_base = 0;  // K/V tiles consumed by this CTA before the current work item
   WorkTile w{};  // the current work tile (assigned per item; the lambdas below read it)
   const T* sQc = sQ;  // the current work item's Q buffer (the lambdas below read it)
+  // Index kernels: the low word of this warpgroup's Q descriptor for the current item; each k-step adds a constant.
+  // (ptxas keeps the 8 full descriptors of the dense kernels in registers, but rebuilt them at every k-step here,
+  // 4 vector instructions each, with the index kernels' 224 registers: PERF_NOTES v50.)
+  uint32_t dq_lo = 0;
   // The LSE of the current item's query `row` (row within its sequence).
   auto lse_at = [&](int row) -> float& {
     return p.lse[w.b * p.lse_batch_stride + w.h * p.lse_head_stride + w.q_start + row];
@@ -692,7 +713,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   // Tile 0 is peeled off so that every wgmma wait in the loop is unconditional (ptxas then keeps wgmmas asynchronous).
   // Index mode: token-list tiles are gathered with cp.async (generic proxy) and need a proxy fence before wgmma reads
   // them; runs and band tiles arrive by TMA (async proxy, made visible by the mbarrier) and need none.
-  auto gathered = [&](int tile) { return p.kv_index_run <= 1 && tile < w.n_list; };
+  auto gathered = [&](int tile) { return Tr::kGather && p.kv_index_run <= 1 && tile < w.n_list; };
   auto issue_s = [&](int tile) {
     const int it = kv_base + tile;
     const int stage = it % kStages;
@@ -703,7 +724,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk) {
       const int c = kk / 4, kin = (kk % 4) * 16;  // 64-column block and element offset inside the 128-byte row
-      const uint64_t da = make_desc(sQc + c * kBM * 64 + wrow * 64 + kin, 16, 1024);
+      const uint64_t da =
+          Tr::kIndex ? (uint64_t)(uint32_t)(make_desc(sQ, 16, 1024) >> 32) << 32 |
+                           (dq_lo + (uint32_t)(((c * kBM * 64 + kin) * (int)sizeof(T)) >> 4))
+                     : make_desc(sQc + c * kBM * 64 + wrow * 64 + kin, 16, 1024);
       const uint64_t db = make_desc(cK + c * kBN * 64 + kin, 16, 1024);
       wgmma_ss<kBN, T>(acc_s, da, db, kk > 0 ? 1 : 0);
     }
@@ -727,8 +751,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     // of one per score.
     bool listed_full = false;
     if (Tr::kIndex && listed) {
-      const int* tm = sTileMax + pos_stage * 4;
-      const int tile_max = max(max(tm[0], tm[1]), max(tm[2], tm[3]));
+      const uint4 tm = ld_shared_v4(smem_u32(sTileMax + pos_stage * 4));  // LDS (a generic load otherwise)
+      const int tile_max = max(max((int)tm.x, (int)tm.y), max((int)tm.z, (int)tm.w));
       listed_full = tile_max != INT_MAX &&
                     (p.window_right < 0 || (long long)tile_max <= (long long)w.pos_min + p.window_right);
     }
@@ -835,10 +859,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   int q_release = -1;  // the Q buffer whose release waits for this warpgroup's bulk stores (-1: none)
   auto release_staged_q = [&]() {
     if (kTmaO && q_release >= 0) {
-      if (ctid == 0) {
-        bulk_wait_all<true>();
-        mbar_arrive(&q_empty[q_release]);
-      }
+      bulk_wait_all<true>();  // only thread 0 has bulk stores in flight; the others pass at once
+      mbar_arrive_if(ctid == 0, &q_empty[q_release]);
       q_release = -1;
     }
   };
@@ -858,6 +880,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     row_max[0] = row_max[1] = -INFINITY;
     row_sum[0] = row_sum[1] = 0.f;
     sQc = sQ + (n_items & 1) * (Tr::kQBytes / 2);
+    if constexpr (Tr::kIndex) dq_lo = (uint32_t)make_desc(sQc + wrow * 64, 16, 1024);
     if (!Tr::kPipeline || t_first >= w.n_tiles) release_staged_q();
     if (t_first < w.n_tiles) {
       float corr[2];
@@ -1046,12 +1069,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         // copy engine (rows past the sequence end are clipped) and releases the Q buffer once they are read.
         fence_proxy_async();
         asm volatile("bar.sync %0, 128;\n" ::"r"(11 + wg) : "memory");
-        if (ctid == 0) {
 #pragma unroll
-          for (int c = 0; c < kBlocksD; ++c)
-            tma_store_4d(&tma.o, sQc + c * kBM * 64 + wrow * 64, c * 64, w.q_start + w.m0 + wrow, w.h, w.b);
-          bulk_commit();
-        }
+        for (int c = 0; c < kBlocksD; ++c)
+          tma_store_4d_if(ctid == 0, &tma.o, sQc + c * kBM * 64 + wrow * 64, c * 64, w.q_start + w.m0 + wrow, w.h,
+                          w.b);
+        bulk_commit();  // an empty group in the other threads
         q_release = n_items & 1;
       } else {
         __syncwarp();
@@ -1074,12 +1096,15 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       }
     } else if (kShuffleO && o_aligned16) {
       // Each thread pair of a quad swaps half its packed columns (one shuffle per two 8-column chunks), so every lane
-      // stores 8 contiguous bytes and a quad covers a whole 32-byte sector of the row.
+      // stores 8 contiguous bytes and a quad covers a whole 32-byte sector of the row. One row test and one address
+      // per row; the chunks are immediate offsets from it (a test per store made ptxas sink the address arithmetic
+      // into every store's branch: ~460 instructions per warp and item instead of ~200, PERF_NOTES v48).
       const bool odd = t4 & 1;
+      const int col0 = 2 * t4 + (odd ? 6 : 0);  // chunk m: columns 16 m + col0, +1, +2, +3
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int row = w.m0 + r0 + 8 * r;
-        T* orow = obase + (int64_t)row * p.o_row_stride;
+        uint32_t lo[kDT / 2], hi[kDT / 2];
 #pragma unroll
         for (int m = 0; m < kDT / 2; ++m) {
           const uint32_t a =
@@ -1087,14 +1112,16 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           const uint32_t b =
               Pack2<T>::pack(acc_o[(2 * m + 1) * 4 + 2 * r] * inv[r], acc_o[(2 * m + 1) * 4 + 2 * r + 1] * inv[r]);
           const uint32_t got = __shfl_xor_sync(0xffffffffu, odd ? a : b, 1);
-          const int col = odd ? (2 * m + 1) * 8 + 2 * (t4 - 1) : (2 * m) * 8 + 2 * t4;
-          if (row < w.sq) {
-            const uint32_t lo = odd ? got : a, hi = odd ? b : got;
-            asm volatile("st.global.v2.b32 [%0], {%1, %2};\n" ::"l"(orow + col), "r"(lo), "r"(hi) : "memory");
-          }
+          lo[m] = odd ? got : a;
+          hi[m] = odd ? b : got;
         }
-        if (p.lse && t4 == 0 && row < w.sq)
-          lse_at(row) = row_lse(row_max[r], row_sum[r]);
+        if (row < w.sq) {
+          T* dst = obase + (int64_t)row * p.o_row_stride + col0;
+#pragma unroll
+          for (int m = 0; m < kDT / 2; ++m)
+            asm volatile("st.global.v2.b32 [%0], {%1, %2};\n" ::"l"(dst + 16 * m), "r"(lo[m]), "r"(hi[m]) : "memory");
+          if (p.lse && t4 == 0) lse_at(row) = row_lse(row_max[r], row_sum[r]);
+        }
       }
     } else {
 #pragma unroll
@@ -1116,7 +1143,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     }
     if constexpr (kStageO) {
       fence_proxy_async();  // generic accesses to this Q buffer come before the next TMA load into it
-      if (!(kTmaO && q_release >= 0 && ctid == 0)) mbar_arrive(&q_empty[n_items & 1]);
+      mbar_arrive_if(!(kTmaO && q_release >= 0 && ctid == 0), &q_empty[n_items & 1]);
     }
     kv_base += w.n_tiles;
   }
@@ -1124,7 +1151,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     if (wg == 1) asm volatile("bar.sync 1, 256;\n" ::: "memory");  // consume the last warpgroup's last arrive
   }
   if constexpr (kTmaO) {
-    if (ctid == 0) bulk_wait_all<false>();  // the last bulk stores have completed
+    bulk_wait_all<false>();  // the last bulk stores have completed (thread 0's; the others have none)
   }
 
 #endif
