@@ -88,17 +88,11 @@ __device__ __forceinline__ void tma_load_4d(void* dst, const CUtensorMap* map, u
       : "memory");
 }
 
-// O tile rows (64 columns x box rows, 128-byte swizzle) from shared memory to global by the bulk copy engine; rows past
-// the tensor's extent are not written.
-__device__ __forceinline__ void tma_store_4d(const CUtensorMap* map, const void* src, int c0, int c1, int c2, int c3) {
-  asm volatile("cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [%0, {%1, %2, %3, %4}], [%5];\n" ::"l"(
-                   reinterpret_cast<uint64_t>(map)),
-               "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(smem_u32(src))
-               : "memory");
-}
 __device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
-// Single-thread steps inside the consumers' item loop as predicated instructions, not branches: a divergent branch
-// there made ptxas build the tile loop's wgmma descriptors in vector registers (PERF_NOTES v15, v50).
+// Single-thread steps inside the consumers' item loop as predicated instructions, not branches (v15 found that a
+// divergent branch there can move the tile loop's descriptor arithmetic to vector registers; PERF_NOTES v50).
+// O tile rows (64 columns x box rows, 128-byte swizzle) from shared memory to global by the bulk copy engine, issued
+// where `pred` holds; rows past the tensor's extent are not written.
 __device__ __forceinline__ void tma_store_4d_if(bool pred, const CUtensorMap* map, const void* src, int c0, int c1,
                                                 int c2, int c3) {
   asm volatile(
@@ -701,7 +695,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const T* sQc = sQ;  // the current work item's Q buffer (the lambdas below read it)
   // Index kernels: the low word of this warpgroup's Q descriptor for the current item; each k-step adds a constant.
   // (ptxas keeps the 8 full descriptors of the dense kernels in registers, but rebuilt them at every k-step here,
-  // 4 vector instructions each, with the index kernels' 224 registers: PERF_NOTES v50.)
+  // 4 vector instructions each, with the index kernels' 224 registers: PERF_NOTES v51.)
   uint32_t dq_lo = 0;
   // The LSE of the current item's query `row` (row within its sequence).
   auto lse_at = [&](int row) -> float& {
@@ -725,7 +719,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     for (int kk = 0; kk < kD / 16; ++kk) {
       const int c = kk / 4, kin = (kk % 4) * 16;  // 64-column block and element offset inside the 128-byte row
       const uint64_t da =
-          Tr::kIndex ? (uint64_t)(uint32_t)(make_desc(sQ, 16, 1024) >> 32) << 32 |
+          Tr::kIndex ? (make_desc(sQ, 16, 1024) & 0xFFFFFFFF00000000ull) |  // high word: no address bits
                            (dq_lo + (uint32_t)(((c * kBM * 64 + kin) * (int)sizeof(T)) >> 4))
                      : make_desc(sQc + c * kBM * 64 + wrow * 64 + kin, 16, 1024);
       const uint64_t db = make_desc(cK + c * kBN * 64 + kin, 16, 1024);
