@@ -226,6 +226,32 @@ def test_launches_make_the_tensors_device_current(monkeypatch):
     assert isinstance(other, torch.cuda.device) and other.idx == 1
 
 
+def test_fmha_launch_switches_devices_only_for_another_gpu(monkeypatch):
+    """The eager FMHA launch makes the tensors' GPU current around the call only when another GPU is current."""
+    entered = []
+
+    class _Device:  # records what torch.cuda.device would make current
+        def __init__(self, idx):
+            self.idx = idx
+
+        def __enter__(self):
+            entered.append(self.idx)
+
+        def __exit__(self, *exc):
+            entered.append(-1)
+
+    monkeypatch.setattr(torch.cuda, "device", _Device)
+    monkeypatch.setattr(_lib, "_current_device_index", lambda: 0)
+    monkeypatch.setattr(_lib, "current_stream", lambda device: None)
+    lib = _CaptureLaunch()
+    params = _lib.FMHA_PARAMS.pack(*([0] * len(_lib.SkFmhaParams._fields_)))
+    _lib.launch_fmha(lib, torch.device("cuda", 0), params)
+    assert entered == [] and lib.params is not None
+    lib.params = None
+    _lib.launch_fmha(lib, torch.device("cuda", 1), params)
+    assert entered == [1, -1] and lib.params is not None
+
+
 class _CaptureLaunch:
     """Stands in for the CUDA library: keeps the parameters of the last FMHA launch, decoded."""
 

@@ -54,7 +54,7 @@ class DensePlan:
     packed launch parameters after the five pointers, taken from the call that made the plan (``out`` in the caller's
     layout, ``lse`` ``None`` unless it was asked for)."""
 
-    __slots__ = ("lib", "device", "dtype", "out_size", "out_stride", "lse_size", "tail")
+    __slots__ = ("lib", "device", "out_size", "out_stride", "lse_size", "tail")
 
     def __init__(
         self,
@@ -65,22 +65,22 @@ class DensePlan:
     ) -> None:
         self.lib = lib
         self.device = out.device
-        self.dtype = out.dtype
         self.out_size, self.out_stride = out.size(), out.stride()
         self.lse_size = None if lse is None else lse.size()
         self.tail = params[_lib.FMHA_POINTERS.size :]
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Allocate the output (and LSE) and launch; ``q``, ``k``, ``v`` as given to ``attention``."""
-        device = self.device
-        out = torch.empty_strided(self.out_size, self.out_stride, dtype=self.dtype, device=device)
+        # `q.new_empty_strided`: q has the plan's dtype and device (both are in the key), and the method skips the
+        # keyword parsing of `torch.empty_strided` (~0.6 us per call).
+        out = q.new_empty_strided(self.out_size, self.out_stride)
         if self.lse_size is None:
             lse, lse_ptr = None, 0
         else:
-            lse = torch.empty(self.lse_size, dtype=torch.float32, device=device)
+            lse = torch.empty(self.lse_size, dtype=torch.float32, device=self.device)
             lse_ptr = lse.data_ptr()
         head = _lib.FMHA_POINTERS.pack(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse_ptr)
-        _lib.launch_fmha(self.lib, device, head + self.tail)
+        _lib.launch_fmha(self.lib, self.device, head + self.tail)
         return out, lse
 
 

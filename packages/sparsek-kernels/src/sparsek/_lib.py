@@ -207,8 +207,18 @@ def fmha_fwd(
     return p
 
 
+#: The current CUDA device's index (``torch.cuda.current_device()`` without its Python wrapper).
+_current_device_index = getattr(torch._C, "_cuda_getDevice", lambda: -1)
+
+
 def launch_fmha(lib: ctypes.CDLL, device: torch.device, params: bytes) -> None:
-    """Launch the FMHA kernel with packed ``params`` on ``device``'s current stream."""
-    with on_device(device):
+    """Launch the FMHA kernel with packed ``params`` on ``device``'s current stream (as ``on_device`` would, without a
+    context manager when ``device`` is already current: this runs in every eager call)."""
+    index = device.index
+    if index is None or index == _current_device_index():
         code = lib.sk_fmha_fwd(params, current_stream(device))
-    check(lib, code, "fmha forward")
+    else:
+        with torch.cuda.device(index):
+            code = lib.sk_fmha_fwd(params, current_stream(device))
+    if code != 0:
+        check(lib, code, "fmha forward")
