@@ -217,7 +217,7 @@ def test_nothing_compiled_at_import():
 
 def test_launches_make_the_tensors_device_current(monkeypatch):
     """With several GPUs, a launch for a tensor on another GPU than the current one switches devices around it."""
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(_lib, "_current_device_index", lambda: 0)
     same = _lib.on_device(torch.device("cuda", 0))
     assert same is _lib.on_device(torch.device("cuda")) is _lib.on_device(torch.device("cpu"))
     with same:  # a reusable no-op
