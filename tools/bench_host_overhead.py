@@ -2,8 +2,8 @@
 """Host-side cost of sparsek's launches, without a GPU.
 
 Runs the CUDA code path (argument checks, output allocation, kernel-parameter packing) on CPU tensors with the
-kernel launches replaced by no-ops, so what is timed is the Python and PyTorch overhead a real call adds before its
-kernel starts: an eager ``sparsek.attention`` call, and the paged-KV decode and cache-write launchers that the vLLM
+kernel launches replaced by no-ops (the compiled fast path, when it builds here, calls a C function that does
+nothing), so what is timed is the Python and PyTorch overhead a real call adds before its kernel starts: an eager ``sparsek.attention`` call, and the paged-KV decode and cache-write launchers that the vLLM
 backend runs once per layer and step (32 decode requests, 32 query heads, 8 KV heads, head dim 128). Median of
 repeated batches, microseconds per call:
 
@@ -11,7 +11,8 @@ repeated batches, microseconds per call:
 
 With ``--cuda`` (on a CUDA machine) the calls launch their kernels for real and the wall time per call of a batch of
 eager calls (synchronized once at its end) is split: ``sparsek.attention`` as users call it (a cached launch plan
-after the first call), the same with every call checked and packed anew, the library's launch alone with packed
+after the first call, run by the compiled fast path when it is in use), the same through the Python plan path and
+with every call checked and packed anew, the library's launch alone with packed
 parameters, and PyTorch SDPA's eager calls on the same data. A batch that outruns the GPU measures the kernel
 instead (the latency shape's kernel takes about 5 us).
 """
@@ -39,7 +40,7 @@ def main() -> None:
         return
 
     import sparsek
-    from sparsek import _lib, paged
+    from sparsek import _dense_plans, _lib, paged
 
     class _NoLaunch:  # stands in for the CUDA library: accepts the packed parameters, launches nothing
         def sk_fmha_fwd(self, params, stream):
@@ -58,6 +59,10 @@ def main() -> None:
             return 0
 
     lib = _NoLaunch()
+    compiled = _dense_plans.enable_compiled(cpu_for_tests=True)  # the compiled fast path launches a no-op function
+    if compiled:
+        noop = _dense_plans._compiled.noop_launch_address()
+        lib.address_of = lambda name: noop if name == "sk_fmha_fwd" else None
     _lib.load = lambda device: lib
     _lib.current_stream = lambda device: ctypes.c_void_p(0)
     paged._load = lambda device: lib
@@ -74,7 +79,7 @@ def main() -> None:
     new_k = torch.randn(nreq, hk, hd, dtype=torch.bfloat16)
     slots = torch.randint(0, 512 * page, (nreq,))
     cases = {
-        f"sparsek.attention {b},{s},{h},{d}": lambda: sparsek.attention(q, k, v),
+        **attention_paths(q, k, v, f"sparsek.attention {b},{s},{h},{d}"),
         "  checked and packed on every call": unplanned(q, k, v),
         "paged decode launch (32 requests)": lambda: paged._paged_attention_cuda_impl(
             qd, kc, vc, table, cu_q, lens, 1, 1000, hd**-0.5, -1, 0, nreq, out, no_lse
@@ -97,6 +102,29 @@ def report(cases: dict, batch) -> None:
     for name, fn in cases.items():
         batch(fn)
         print(f"{name:40s} {statistics.median(batch(fn) for _ in range(7)):7.2f}")
+
+
+def attention_paths(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, name: str) -> dict:
+    """``sparsek.attention`` as users call it (the compiled fast path when it is in use) and through the Python plan
+    path (the compiled one turned off for that batch; both cases pay the same switch)."""
+    import sparsek
+    from sparsek import _dense_plans
+
+    fast = _dense_plans.compiled_call
+    sparsek.attention(q, k, v)  # makes the plan
+
+    def as_users_call() -> None:
+        _dense_plans.compiled_call = fast
+        sparsek.attention(q, k, v)
+
+    def python_plan_path() -> None:
+        _dense_plans.compiled_call = None
+        sparsek.attention(q, k, v)
+
+    cases = {name + (" (compiled)" if fast is not None else ""): as_users_call}
+    if fast is not None:
+        cases["  Python plan path"] = python_plan_path
+    return cases
 
 
 def unplanned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
@@ -137,7 +165,7 @@ def cuda_split(b: int, s: int, h: int, d: int, calls: int) -> None:
         return run
 
     cases = {
-        f"sparsek.attention {b},{s},{h},{d}": lambda: sparsek.attention(q, k, v),
+        **attention_paths(q, k, v, f"sparsek.attention {b},{s},{h},{d}"),
         "  checked and packed on every call": unplanned(q, k, v),
         "  torch.empty_like(q) alone": lambda: torch.empty_like(q),
         "  library launch, packed parameters": lambda: _lib.launch_fmha(lib, q.device, params),

@@ -260,6 +260,63 @@ def test_repeated_calls_reuse_the_launch_plan(dtype):
     assert len(_dense_plans._plans) == 3
 
 
+def test_compiled_fast_path_runs_planned_calls():
+    """Planned eager calls run through the compiled fast path (built on the first CUDA call): its results on fresh
+    inputs over NaN-filled memory, with GQA, the bhsd layout and the LSE, on a side stream and captured in a CUDA
+    graph, against the reference."""
+    import os
+
+    from sparsek import _dense_plans
+
+    if os.environ.get("SPARSEK_EAGER_FASTPATH") == "0":
+        pytest.skip("SPARSEK_EAGER_FASTPATH=0")
+    sparsek.attention(*(_rand(1, 8, 2, 64, dtype=torch.float16) for _ in range(3)))
+    fast = _dense_plans.compiled_call
+    assert fast is not None, _dense_plans.compiled_status
+    _dense_plans.clear()
+    cases = [
+        ((2, 203, 8, 64), (2, 203, 2, 64), "bshd", dict(causal=True, scale=None, window=None, return_lse=False)),
+        ((1, 4, 77, 128), (1, 4, 300, 128), "bhsd", dict(causal=False, scale=0.1, window=(40, 3), return_lse=True)),
+        ((1, 512, 8, 64), (1, 512, 8, 64), "bshd", dict(causal=False, scale=None, window=None, return_lse=True)),
+    ]
+    for shape_q, shape_kv, layout, opts in cases:
+        dtype = torch.bfloat16 if shape_q[-1] == 128 else torch.float16
+        sparsek.attention(*(_rand(*s, dtype=dtype) for s in (shape_q, shape_kv, shape_kv)), layout=layout, **opts)
+        for _ in range(2):
+            junk = torch.full((16 << 20,), float("nan"), device=DEV, dtype=torch.float16)
+            del junk
+            q, k, v = _rand(*shape_q, dtype=dtype), _rand(*shape_kv, dtype=dtype), _rand(*shape_kv, dtype=dtype)
+            args = (q, k, v, opts["causal"], opts["scale"], opts["window"], layout, opts["return_lse"])
+            result = fast(*args)
+            assert result is not None
+            out, lse = result if opts["return_lse"] else (result, None)
+            bshd = [t.transpose(1, 2) if layout == "bhsd" else t for t in (q, k, v)]
+            ref, ref_lse = attention_ref(
+                *(t.float() for t in bshd), causal=opts["causal"], scale=opts["scale"], window=opts["window"],
+                return_lse=True,
+            )  # fmt: skip
+            got = out.transpose(1, 2) if layout == "bhsd" else out
+            assert out.shape == q.shape and rel_error(got, ref) < tolerance(dtype)
+            if lse is not None:
+                assert (lse - ref_lse).abs().max().item() < 1e-2
+    q, k, v = (_rand(1, 512, 8, 64, dtype=torch.float16) for _ in range(3))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out, _ = fast(q, k, v, False, None, None, "bshd", True)
+    side.synchronize()
+    assert rel_error(out, attention_ref(q.float(), k.float(), v.float())) < tolerance(torch.float16)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        captured = fast(q, k, v, False, None, None, "bshd", True)
+    assert captured is not None
+    for _ in range(2):
+        q.copy_(torch.randn_like(q))
+        g.replay()
+        torch.cuda.synchronize()
+        assert rel_error(captured[0], attention_ref(q.float(), k.float(), v.float())) < tolerance(torch.float16)
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_tensors_on_a_device_that_is_not_current():
     """Every kernel family runs on cuda:1 while cuda:0 is current (layers spread over GPUs in one process)."""
@@ -268,7 +325,7 @@ def test_tensors_on_a_device_that_is_not_current():
     torch.cuda.set_device(0)
     dev = torch.device("cuda", 1)
     q, k, v = (torch.randn(2, 300, 4, 128, device=dev, dtype=torch.bfloat16) for _ in range(3))
-    for causal in (False, True):
+    for causal in (False, True, True):  # the repeated call runs from its plan (the compiled path declines it)
         out = sparsek.attention(q, k, v, causal=causal)
         assert out.device == dev
         assert rel_error(out, attention_ref(q.float(), k.float(), v.float(), causal=causal)) < tolerance(q.dtype)

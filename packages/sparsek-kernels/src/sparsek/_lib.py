@@ -62,6 +62,7 @@ class KernelUnavailable(RuntimeError):
 _libs: dict[str, ctypes.CDLL] = {}
 _by_device: dict[int, ctypes.CDLL] = {}  # device index -> library (hot-path cache)
 _lock = threading.Lock()
+_compiled_tried = False
 
 
 def fallback_allowed() -> bool:
@@ -100,7 +101,22 @@ def load(device: torch.device) -> ctypes.CDLL:
                 raise KernelUnavailable(f"stale sparsek library at {path}: ABI {lib.sk_abi_version()} != {ABI_VERSION}")
             _libs[target] = lib
     _by_device[device.index if device.index is not None else torch.cuda.current_device()] = _libs[target]
+    global _compiled_tried
+    if not _compiled_tried:  # the first CUDA call also loads the compiled eager fast path (built once, ~20 s)
+        _compiled_tried = True
+        from . import _dense_plans
+
+        _dense_plans.enable_compiled()
     return _libs[target]
+
+
+def function_address(lib: object, name: str) -> int | None:
+    """Address of the C function ``name`` of a loaded library (``None`` for a stand-in object without one; a
+    stand-in may provide ``address_of(name)``)."""
+    if isinstance(lib, ctypes.CDLL):
+        return ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+    address_of = getattr(lib, "address_of", None)
+    return None if address_of is None else address_of(name)
 
 
 def current_stream(device: torch.device) -> ctypes.c_void_p:

@@ -81,6 +81,11 @@ def attention(
     Eager calls with plain CUDA tensors skip the dispatcher, and a call with the same shapes, strides, dtypes, devices
     and options as an earlier one reuses that call's checked launch plan (a few microseconds less host time).
     """
+    fast = _dense_plans.compiled_call
+    if fast is not None and not torch.compiler.is_compiling():  # the compiled plan path (None: not planned)
+        result = fast(q, k, v, causal, scale, window, layout, return_lse)
+        if result is not None:
+            return result
     eager = _eager_cuda(q, k, v)
     if eager:  # a call like an earlier one (shapes, strides, dtypes, devices, options) reuses its checked plan
         key = _dense_plans.plan_key(q, k, v, causal, scale, window, layout, return_lse)
@@ -88,6 +93,7 @@ def attention(
         if plan is not None:
             out, lse = plan(q, k, v)
             return (out, lse) if return_lse else out
+    call = (q, k, v, causal, scale, window, layout, return_lse)  # as given: the compiled fast path's key
     check_layout(layout)
     check_qkv(q, k, v, ndim=4)
     seq_dim, head_dim = (1, 2) if layout == "bshd" else (2, 1)
@@ -110,7 +116,7 @@ def attention(
     if layout == "bhsd":
         out = out.transpose(1, 2)
     if eager and launch is not None:
-        _dense_plans.store(key, _dense_plans.DensePlan(*launch, out, lse))
+        _dense_plans.store(key, _dense_plans.DensePlan(*launch, out, lse), call)
     return (out, lse) if return_lse else out
 
 

@@ -2,6 +2,8 @@
 
 The sources in ``sparsek/csrc`` are compiled into one shared library per architecture target
 (``libsparsek.so``), exporting plain C functions that :mod:`sparsek._lib` calls through ``ctypes``.
+A small Python extension module, the compiled fast path of eager dense calls (``csrc/eager_fastpath.cpp``, see
+:mod:`sparsek._dense_plans`), is built with the host C++ compiler against the running PyTorch.
 Builds land in a cache directory keyed by package version, source hash, CUDA version and target;
 a file lock (``fcntl.flock``, released by the OS when a process dies) keeps concurrent processes from
 building the same module twice and can never go stale.
@@ -15,6 +17,8 @@ import os
 import re
 import shutil
 import subprocess
+import sys
+import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,8 +168,25 @@ def build(target: str, *, root: Path | None = None, verbose: bool = False, force
     if ninja is None:
         raise BuildError("ninja not found: `pip install ninja`")
     spec = make_spec(target, nvcc)
-    out_dir = spec.directory(root)
-    lib = out_dir / LIB_NAME
+
+    def compile_into(tmp: Path) -> subprocess.CompletedProcess:
+        (tmp / "build.ninja").write_text(ninja_file(spec, nvcc, sources()))
+        return subprocess.run([ninja, "-C", str(tmp)], capture_output=True, text=True)
+
+    return _build_cached(spec.directory(root), LIB_NAME, compile_into, f"sparsek for {target}", verbose, force)
+
+
+def _build_cached(
+    out_dir: Path,
+    product: str,
+    compile_into,
+    what: str,
+    verbose: bool,
+    force: bool,
+) -> Path:
+    """``out_dir / product``, made by ``compile_into(tmp)`` in a temporary directory renamed into place on success,
+    under an exclusive lock (unless it exists and ``force`` is false)."""
+    lib = out_dir / product
     if lib.exists() and not force:
         return lib
     with _FileLock(out_dir.with_suffix(".lock")):
@@ -174,13 +195,10 @@ def build(target: str, *, root: Path | None = None, verbose: bool = False, force
         tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        (tmp / "build.ninja").write_text(ninja_file(spec, nvcc, sources()))
-        proc = subprocess.run([ninja, "-C", str(tmp)], capture_output=True, text=True)
+        proc = compile_into(tmp)
         (tmp / "build.log").write_text(proc.stdout + proc.stderr)
         if proc.returncode != 0:
-            raise BuildError(
-                f"building sparsek for {target} failed (log in {tmp}/build.log):\n{proc.stdout}{proc.stderr}"
-            )
+            raise BuildError(f"building {what} failed (log in {tmp}/build.log):\n{proc.stdout}{proc.stderr}")
         if verbose:
             print(proc.stdout + proc.stderr)
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -194,3 +212,50 @@ def built_targets(root: Path | None = None) -> list[str]:
     if not root.exists():
         return []
     return sorted(p.name for p in root.iterdir() if (p / LIB_NAME).exists())
+
+
+EAGER_SOURCE = CSRC / "eager_fastpath.cpp"
+EAGER_MODULE = "_sparsek_eager"
+
+
+def eager_fastpath_key() -> str:
+    """Cache key of the eager fast path: package version, source hash, PyTorch build and Python version."""
+    import torch
+
+    h = hashlib.sha256(EAGER_SOURCE.read_bytes()).hexdigest()[:12]
+    torch_id = f"{torch.__version__}-{(torch.version.git_version or '')[:12]}".replace("+", "_")
+    return f"eager-{__version__}-{h}-torch{torch_id}-{sys.implementation.cache_tag}"
+
+
+def _eager_compile_command(cxx: str, src: Path, out: Path) -> list[str]:
+    import torch
+    from torch.utils.cpp_extension import include_paths
+
+    torch_lib = Path(torch.__file__).parent / "lib"
+    abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True))
+    return [
+        cxx, "-O2", "-std=c++20", "-fPIC", "-shared", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+        *(f"-I{p}" for p in include_paths()), f"-I{sysconfig.get_paths()['include']}",
+        str(src), "-o", str(out),
+        f"-L{torch_lib}", "-lc10", "-ltorch_cpu", "-ltorch_python", f"-Wl,-rpath,{torch_lib}",
+    ]  # fmt: skip
+
+
+def build_eager_fastpath(*, root: Path | None = None, verbose: bool = False, force: bool = False) -> Path:
+    """Build (or reuse) the compiled fast path of eager dense calls for the running PyTorch; return its path.
+
+    Uses ``$CXX`` (default ``c++``) with PyTorch's and Python's headers, about 20 s once per PyTorch build. Raises
+    [`BuildError`][sparsek.build.BuildError] when no compiler or headers are found or the compile fails.
+    """
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        raise BuildError("no C++ compiler found (set CXX) to build sparsek's eager fast path")
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").exists():
+        raise BuildError(f"Python.h not found in {sysconfig.get_paths()['include']} (install the Python headers)")
+
+    def compile_into(tmp: Path) -> subprocess.CompletedProcess:
+        command = _eager_compile_command(cxx, EAGER_SOURCE, tmp / f"{EAGER_MODULE}.so")
+        return subprocess.run(command, capture_output=True, text=True)
+
+    out_dir = (root or cache_root()) / eager_fastpath_key()
+    return _build_cached(out_dir, f"{EAGER_MODULE}.so", compile_into, "sparsek's eager fast path", verbose, force)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -96,11 +97,25 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(
         "built: " + (", ".join(built) if built else "nothing yet (kernels build on first use or with `sparsek build`)")
     )
+    eager = build.cache_root() / build.eager_fastpath_key() / f"{build.EAGER_MODULE}.so"
+    print(
+        "eager fast path (compiled plan path of eager dense calls): "
+        + (
+            f"built, {eager}"
+            if eager.exists()
+            else "not built yet (builds with the first CUDA call or `sparsek build`)"
+        )
+        + (
+            "; off (SPARSEK_EAGER_FASTPATH=0)"
+            if os.environ.get("SPARSEK_EAGER_FASTPATH") in ("0", "false", "False")
+            else ""
+        )
+    )
     return 0
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    """Compile the CUDA library ahead of time for each requested architecture."""
+    """Compile the CUDA library ahead of time for each requested architecture, and the compiled eager fast path."""
     from sparsek import build
 
     status = 0
@@ -110,6 +125,12 @@ def cmd_build(args: argparse.Namespace) -> int:
             print(f"{target}: {lib}")
         except build.BuildError as e:
             print(f"{target}: FAILED\n{e}", file=sys.stderr)
+            status = 1
+    if not args.no_eager:
+        try:
+            print(f"eager fast path: {build.build_eager_fastpath(verbose=args.verbose, force=args.force)}")
+        except build.BuildError as e:
+            print(f"eager fast path: FAILED (eager calls will use the Python plan path)\n{e}", file=sys.stderr)
             status = 1
     return status
 
@@ -126,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--arch", default="sm90a,sm100a", help="comma-separated targets, e.g. sm90a,sm100a,sm86")
     b.add_argument("--force", action="store_true", help="rebuild even if cached")
     b.add_argument("--verbose", action="store_true", help="print the compiler output (register/spill report)")
+    b.add_argument(
+        "--no-eager", action="store_true", help="skip the compiled eager fast path (built for the running PyTorch)"
+    )
     args = ap.parse_args(argv)
     return {"info": cmd_info, "build": cmd_build}.get(args.cmd, cmd_run)(args)
 
