@@ -155,3 +155,25 @@ def test_turned_off_by_environment(monkeypatch):
     monkeypatch.setenv("SPARSEK_EAGER_FASTPATH", "0")
     assert not _dense_plans.enable_compiled() and "off" in _dense_plans.compiled_status
     assert _dense_plans.compiled_call is None
+
+
+def test_active_python_modes_take_the_python_path(lib):
+    """A TorchFunctionMode or TorchDispatchMode must see the allocation as the Python path makes it."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Functions(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    class Dispatches(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    q, k, v = _qkv()
+    sparsek.attention(q, k, v)
+    args = (q, k, v, False, None, None, "bshd", False)
+    for mode in (Functions(), Dispatches()):
+        with mode:
+            assert _dense_plans.compiled_call(*args) is None
+    assert _dense_plans.compiled_call(*args) is not None

@@ -8,10 +8,13 @@
 // caller takes the checked Python path, which raises the usual errors.
 #include <Python.h>
 
+#include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_strided.h>
 #include <c10/core/DispatchKeySet.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <cstdint>
@@ -166,9 +169,14 @@ PyObject* fast_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     PyErr_SetString(PyExc_TypeError, "call() takes q, k, v, causal, scale, window, layout, return_lse");
     return nullptr;
   }
+  HANDLE_TH_ERRORS
   Key key;
   const at::Tensor* t[3];
   if (g_plans.empty() || !make_key(args, &key, t)) Py_RETURN_NONE;
+  // Active Python modes (a TorchDispatchMode such as FakeTensorMode, a TorchFunctionMode) must see the allocation
+  // as the Python path makes it.
+  if (c10::impl::TorchDispatchModeTLS::any_modes_set() || at::impl::PythonTorchFunctionTLS::stack_len() > 0)
+    Py_RETURN_NONE;
   const auto it = g_plans.find(key);
   if (it == g_plans.end()) Py_RETURN_NONE;
   const Plan& plan = it->second;
@@ -190,15 +198,9 @@ PyObject* fast_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     Py_DECREF(s);
     if (stream == nullptr && PyErr_Occurred()) return nullptr;
   }
-  at::Tensor out, lse;
-  try {
-    const at::Tensor& q = *t[0];
-    out = at::empty_strided(plan.out_size, plan.out_stride, q.options());
-    if (plan.has_lse) lse = at::empty(plan.lse_size, q.options().dtype(at::kFloat));
-  } catch (const std::exception& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what());
-    return nullptr;
-  }
+  const at::Tensor& q = *t[0];
+  at::Tensor out = at::empty_strided(plan.out_size, plan.out_stride, q.options()), lse;  // errors: see the end
+  if (plan.has_lse) lse = at::empty(plan.lse_size, q.options().dtype(at::kFloat));
   // The packed parameters: the plan's bytes with this call's five pointers in front.
   alignas(8) char params[1024];
   const size_t n = plan.params.size();
@@ -224,6 +226,7 @@ PyObject* fast_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   Py_DECREF(py_out);
   Py_DECREF(py_lse);
   return pair;
+  END_HANDLE_TH_ERRORS  // PyTorch's errors (e.g. out of memory) as the Python exceptions PyTorch raises
 }
 
 // store(q, k, v, causal, scale, window, layout, return_lse, launch_address, error_string_address, device_index,
