@@ -62,7 +62,6 @@ class KernelUnavailable(RuntimeError):
 _libs: dict[str, ctypes.CDLL] = {}
 _by_device: dict[int, ctypes.CDLL] = {}  # device index -> library (hot-path cache)
 _lock = threading.Lock()
-_compiled_tried = False
 
 
 def fallback_allowed() -> bool:
@@ -101,12 +100,6 @@ def load(device: torch.device) -> ctypes.CDLL:
                 raise KernelUnavailable(f"stale sparsek library at {path}: ABI {lib.sk_abi_version()} != {ABI_VERSION}")
             _libs[target] = lib
     _by_device[device.index if device.index is not None else torch.cuda.current_device()] = _libs[target]
-    global _compiled_tried
-    if not _compiled_tried:  # the first CUDA call also loads the compiled eager fast path (built once, ~20 s)
-        _compiled_tried = True
-        from . import _dense_plans
-
-        _dense_plans.enable_compiled()
     return _libs[target]
 
 

@@ -103,7 +103,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         + (
             f"built, {eager}"
             if eager.exists()
-            else "not built yet (builds with the first CUDA call or `sparsek build`)"
+            else "not built yet (builds with the first eager dense call on a GPU, or `sparsek build`)"
         )
         + (
             "; off (SPARSEK_EAGER_FASTPATH=0)"
