@@ -110,8 +110,8 @@ def attention_paths(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, name: str
     import sparsek
     from sparsek import _dense_plans
 
+    sparsek.attention(q, k, v)  # makes the plan (the first plan on a GPU loads the compiled fast path)
     fast = _dense_plans.compiled_call
-    sparsek.attention(q, k, v)  # makes the plan
 
     def as_users_call() -> None:
         _dense_plans.compiled_call = fast
