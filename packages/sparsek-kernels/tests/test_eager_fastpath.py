@@ -177,3 +177,17 @@ def test_active_python_modes_take_the_python_path(lib):
         with mode:
             assert _dense_plans.compiled_call(*args) is None
     assert _dense_plans.compiled_call(*args) is not None
+
+
+def test_a_failed_build_is_not_retried_until_forced(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXX", "false")  # a compiler that always fails
+    with pytest.raises(build.BuildError, match="building sparsek's eager fast path failed"):
+        build.build_eager_fastpath(root=tmp_path)
+    with pytest.raises(build.BuildError, match="earlier build .* failed"):
+        build.build_eager_fastpath(root=tmp_path)
+    with pytest.raises(build.BuildError, match="building sparsek's eager fast path failed"):
+        build.build_eager_fastpath(root=tmp_path, force=True)
+    if shutil.which("c++") or shutil.which("g++"):
+        monkeypatch.delenv("CXX")
+        lib = build.build_eager_fastpath(root=tmp_path, force=True)
+        assert lib.exists() and not list(tmp_path.glob("*.failed"))

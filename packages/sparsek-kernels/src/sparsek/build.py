@@ -245,7 +245,9 @@ def build_eager_fastpath(*, root: Path | None = None, verbose: bool = False, for
     """Build (or reuse) the compiled fast path of eager dense calls for the running PyTorch; return its path.
 
     Uses ``$CXX`` (default ``c++``) with PyTorch's and Python's headers, about 20 s once per PyTorch build. Raises
-    [`BuildError`][sparsek.build.BuildError] when no compiler or headers are found or the compile fails.
+    [`BuildError`][sparsek.build.BuildError] when no compiler or headers are found or the compile fails; a failed
+    compile leaves a ``.failed`` marker beside the cache entry, so later processes do not retry it until ``force``
+    (``sparsek build --force``).
     """
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if cxx is None:
@@ -258,4 +260,14 @@ def build_eager_fastpath(*, root: Path | None = None, verbose: bool = False, for
         return subprocess.run(command, capture_output=True, text=True)
 
     out_dir = (root or cache_root()) / eager_fastpath_key()
-    return _build_cached(out_dir, f"{EAGER_MODULE}.so", compile_into, "sparsek's eager fast path", verbose, force)
+    failed = out_dir.with_suffix(".failed")
+    if failed.exists() and not force:
+        raise BuildError(f"an earlier build of sparsek's eager fast path failed ({failed}); `--force` tries again")
+    try:
+        lib = _build_cached(out_dir, f"{EAGER_MODULE}.so", compile_into, "sparsek's eager fast path", verbose, force)
+    except BuildError as e:
+        failed.parent.mkdir(parents=True, exist_ok=True)
+        failed.write_text(str(e))
+        raise
+    failed.unlink(missing_ok=True)
+    return lib
