@@ -3,18 +3,19 @@
 
 Runs the CUDA code path (argument checks, output allocation, kernel-parameter packing) on CPU tensors with the
 kernel launches replaced by no-ops (the compiled fast path, when it builds here, calls a C function that does
-nothing), so what is timed is the Python and PyTorch overhead a real call adds before its kernel starts: an eager ``sparsek.attention`` call, and the paged-KV decode and cache-write launchers that the vLLM
-backend runs once per layer and step (32 decode requests, 32 query heads, 8 KV heads, head dim 128). Median of
-repeated batches, microseconds per call:
+nothing), so what is timed is the Python and PyTorch overhead a real call adds before its kernel starts: an eager
+``sparsek.attention`` call, and the paged-KV decode and cache-write launchers that the vLLM backend runs once per
+layer and step (32 decode requests, 32 query heads, 8 KV heads, head dim 128). Median of repeated batches,
+microseconds per call:
 
     python tools/bench_host_overhead.py [--shape B,S,H,D] [--calls 20000]
 
 With ``--cuda`` (on a CUDA machine) the calls launch their kernels for real and the wall time per call of a batch of
 eager calls (synchronized once at its end) is split: ``sparsek.attention`` as users call it (a cached launch plan
 after the first call, run by the compiled fast path when it is in use), the same through the Python plan path and
-with every call checked and packed anew, the library's launch alone with packed
-parameters, and PyTorch SDPA's eager calls on the same data. A batch that outruns the GPU measures the kernel
-instead (the latency shape's kernel takes about 5 us).
+with every call checked and packed anew, the library's launch alone with packed parameters, and PyTorch SDPA's eager
+calls on the same data. A batch that outruns the GPU measures the kernel instead (the latency shape's kernel takes
+about 5 us).
 """
 
 from __future__ import annotations

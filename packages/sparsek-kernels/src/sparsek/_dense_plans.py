@@ -148,6 +148,11 @@ def _load_module(path: Path) -> ModuleType:
     return module
 
 
+def compiled_turned_off() -> bool:
+    """Whether ``SPARSEK_EAGER_FASTPATH=0`` (or ``false``) keeps the compiled fast path off."""
+    return os.environ.get("SPARSEK_EAGER_FASTPATH", "1") in ("0", "false", "False")
+
+
 def enable_compiled(*, cpu_for_tests: bool = False) -> bool:
     """Load the compiled fast path (building it once for this PyTorch) and route planned calls through it.
 
@@ -156,7 +161,7 @@ def enable_compiled(*, cpu_for_tests: bool = False) -> bool:
     launch function).
     """
     global compiled_call, compiled_status, _compiled
-    if os.environ.get("SPARSEK_EAGER_FASTPATH", "1") in ("0", "false", "False"):
+    if compiled_turned_off():
         compiled_status = "off (SPARSEK_EAGER_FASTPATH=0)"
         return False
     from . import build as _build

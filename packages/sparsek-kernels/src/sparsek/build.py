@@ -227,6 +227,11 @@ def eager_fastpath_key() -> str:
     return f"eager-{__version__}-{h}-torch{torch_id}-{sys.implementation.cache_tag}"
 
 
+def eager_fastpath_path(root: Path | None = None) -> Path:
+    """Where the eager fast path for the running PyTorch is (or will be) built under the cache root."""
+    return (root or cache_root()) / eager_fastpath_key() / f"{EAGER_MODULE}.so"
+
+
 def _eager_compile_command(cxx: str, src: Path, out: Path) -> list[str]:
     import torch
     from torch.utils.cpp_extension import include_paths
@@ -259,12 +264,13 @@ def build_eager_fastpath(*, root: Path | None = None, verbose: bool = False, for
         command = _eager_compile_command(cxx, EAGER_SOURCE, tmp / f"{EAGER_MODULE}.so")
         return subprocess.run(command, capture_output=True, text=True)
 
-    out_dir = (root or cache_root()) / eager_fastpath_key()
+    lib_path = eager_fastpath_path(root)
+    out_dir = lib_path.parent
     failed = out_dir.with_suffix(".failed")
     if failed.exists() and not force:
         raise BuildError(f"an earlier build of sparsek's eager fast path failed ({failed}); `--force` tries again")
     try:
-        lib = _build_cached(out_dir, f"{EAGER_MODULE}.so", compile_into, "sparsek's eager fast path", verbose, force)
+        lib = _build_cached(out_dir, lib_path.name, compile_into, "sparsek's eager fast path", verbose, force)
     except BuildError as e:
         failed.parent.mkdir(parents=True, exist_ok=True)
         failed.write_text(str(e))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -97,7 +96,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(
         "built: " + (", ".join(built) if built else "nothing yet (kernels build on first use or with `sparsek build`)")
     )
-    eager = build.cache_root() / build.eager_fastpath_key() / f"{build.EAGER_MODULE}.so"
+    from sparsek import _dense_plans
+
+    eager = build.eager_fastpath_path()
     print(
         "eager fast path (compiled plan path of eager dense calls): "
         + (
@@ -105,11 +106,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             if eager.exists()
             else "not built yet (builds with the first eager dense call on a GPU, or `sparsek build`)"
         )
-        + (
-            "; off (SPARSEK_EAGER_FASTPATH=0)"
-            if os.environ.get("SPARSEK_EAGER_FASTPATH") in ("0", "false", "False")
-            else ""
-        )
+        + ("; off (SPARSEK_EAGER_FASTPATH=0)" if _dense_plans.compiled_turned_off() else "")
     )
     return 0
 

@@ -285,8 +285,6 @@ PyObject* fast_clear(PyObject*, PyObject*) {
   Py_RETURN_NONE;
 }
 
-PyObject* fast_size(PyObject*, PyObject*) { return PyLong_FromSize_t(g_plans.size()); }
-
 // A launch function that launches nothing (host-overhead benchmarks on machines without a GPU).
 int noop_launch(const char*, void*) { return 0; }
 
@@ -300,7 +298,6 @@ PyMethodDef kMethods[] = {
     {"configure", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fast_configure)), METH_FASTCALL,
      "configure(current_device, stream_of, cpu_for_tests); forgets every plan."},
     {"clear", fast_clear, METH_NOARGS, "Forget every plan."},
-    {"size", fast_size, METH_NOARGS, "Number of plans kept."},
     {"noop_launch_address", fast_noop_address, METH_NOARGS, "Address of a launch function that does nothing."},
     {nullptr, nullptr, 0, nullptr}};
 
