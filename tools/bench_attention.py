@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """Benchmark sparsek's dense attention against PyTorch SDPA (flash, cuDNN) and FlexAttention in one process.
 
-Kernel time: median over CUDA-graph replays (20 calls captured per graph, many replays), so launch gaps vanish.
-With ``--rounds N`` every backend of a shape is timed N times in alternation and the table takes the median of the
-rounds (the GPU's clocks drift with its temperature: a first round can run 10% faster than the next ones).
+Kernel time: median over CUDA-graph replays (20 calls captured per graph, 30 replays), so launch gaps vanish. The
+backends of a shape are replayed interleaved (one replay of each in turn), so all of them see the same clocks and
+power state: timed one after another, whichever ran first after a pause read up to 15% faster. Graphs under 2 ms get
+an untimed replay before each timed one, so their first call does not find caches cold from another backend's
+kernels. With ``--rounds N`` this happens N times (new graphs each round) and the table takes the median of the
+rounds' medians.
 Eager time: wall time per call of the Python function in a loop (includes launch and Python overhead).
 Writes a Markdown table (and a PNG plot when matplotlib is present) to --out.
 
@@ -21,7 +24,7 @@ from pathlib import Path
 import sparsek
 import torch
 import torch.nn.functional as F
-from sparsek.testing import compiled_flex_attention, cuda_graph_time_us
+from sparsek.testing import compiled_flex_attention, cuda_graph_time_us, interleaved_graph_times_us
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 SHAPES = [  # dtype, B, H, S, D, causal  (the anchor shapes of docs/benchmarks.md)
@@ -101,7 +104,9 @@ def main() -> None:
         help="comma-separated subset; also sdpa-cudnn-bshd (cuDNN on transposed views of the [B, S, H, D] inputs)",
     )
     ap.add_argument("--head-dim", type=int, default=None, help="only the shapes with this head dimension")
-    ap.add_argument("--rounds", type=int, default=1, help="time the backends of a shape this often, alternating")
+    ap.add_argument(
+        "--rounds", type=int, default=1, help="time the backends of a shape this often (interleaved each time)"
+    )
     args = ap.parse_args()
     if args.rounds < 1:
         ap.error("--rounds must be at least 1")
@@ -109,8 +114,9 @@ def main() -> None:
     gpu = torch.cuda.get_device_name()
     header = (
         f"GPU: {gpu}; torch {torch.__version__}; sparsek {sparsek.__version__}; "
-        f"{datetime.date.today().isoformat()}. Kernel time = median of CUDA-graph replays (20 calls per graph)"
-        + (f", median of {args.rounds} rounds alternating the backends" if args.rounds > 1 else "")
+        f"{datetime.date.today().isoformat()}. Kernel time = median of CUDA-graph replays (20 calls per graph, 30 "
+        "replays, the backends' replays interleaved; graphs under 2 ms replayed once untimed before each timed replay)"
+        + (f", median of {args.rounds} rounds" if args.rounds > 1 else "")
         + "; "
         "eager = wall time per Python call. TFLOP/s = 4·B·H·S²·D (halved for causal) / kernel time.\n"
     )
@@ -121,7 +127,7 @@ def main() -> None:
         dtype = DTYPES[name]
         q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=dtype) for _ in range(3))
         ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal)
-        fns, errs, times = {}, {}, {}
+        fns, errs = {}, {}
         for bname, fn in backends(q, k, v, causal).items():
             if bname not in args.backends.split(","):
                 continue
@@ -130,13 +136,14 @@ def main() -> None:
                 if bname == "sparsek":
                     out = out.transpose(1, 2)
                 errs[bname] = ((out.float() - ref).norm() / ref.norm()).item()
-                times[bname] = [cuda_graph_time_us(fn)]
+                cuda_graph_time_us(fn, replays=3)  # compiles and captures once before the timed rounds
                 fns[bname] = fn
             except Exception as e:  # a backend that cannot run this shape
                 print(f"{bname} failed on {name} {b},{h},{s},{d} causal={causal}: {type(e).__name__}: {e}")
-        for _ in range(args.rounds - 1):
-            for bname, fn in fns.items():
-                times[bname].append(cuda_graph_time_us(fn))
+        times = {bname: [] for bname in fns}
+        for _ in range(args.rounds):
+            for bname, replays in interleaved_graph_times_us(fns).items():
+                times[bname].append(statistics.median(replays))
         for bname, fn in fns.items():
             us, err = statistics.median(times[bname]), errs[bname]
             eager = eager_time_us(fn) if s <= 512 else float("nan")

@@ -1,10 +1,12 @@
-"""The benchmark helpers of ``sparsek.testing`` that are not timing (those need a GPU)."""
+"""The benchmark helpers of ``sparsek.testing`` (the timing ones need a GPU)."""
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 import torch
-from sparsek.testing import compiled_flex_attention
+from sparsek.testing import compiled_flex_attention, interleaved_graph_times_us
 
 dynamo = pytest.importorskip("torch._dynamo")
 
@@ -51,3 +53,25 @@ def test_compiled_flex_attention_never_lowers_the_limit(dynamo_limits):
     dynamo_limits.recompile_limit = 500
     compiled_flex_attention(recompile_limit=16)
     assert dynamo_limits.recompile_limit == 500
+
+
+@pytest.mark.gpu
+def test_interleaved_graph_times_track_the_work():
+    """Every function gets one time per replay, and four chained matmuls read about four times one matmul."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    a = torch.randn(2048, 2048, device="cuda", dtype=torch.float16)
+    out = torch.empty_like(a)
+
+    def one():
+        torch.mm(a, a, out=out)
+
+    def four():
+        for _ in range(4):
+            torch.mm(a, a, out=out)
+
+    times = interleaved_graph_times_us({"one": one, "four": four}, calls=5, replays=12)
+    assert sorted(times) == ["four", "one"]
+    assert all(len(t) == 12 and min(t) > 0 for t in times.values())
+    ratio = statistics.median(times["four"]) / statistics.median(times["one"])
+    assert 3.0 < ratio < 5.0, ratio

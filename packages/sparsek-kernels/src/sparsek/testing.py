@@ -7,7 +7,7 @@ current GPU is of that architecture. The helpers give the project's one definiti
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -59,6 +59,20 @@ def cuda_graph_time_us(fn: Callable[[], Any], calls: int = 20, replays: int = 30
     Warms up on a side stream (as graph capture requires), captures ``calls`` calls of ``fn`` and replays the graph
     ``replays`` times; launch gaps vanish, so this measures kernel time rather than host overhead.
     """
+    g = capture_cuda_graph(fn, calls)
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1000.0 / calls)
+    return statistics.median(times)
+
+
+def capture_cuda_graph(fn: Callable[[], Any], calls: int = 20) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of ``calls`` calls of ``fn``, warmed up on a side stream (as capture requires) and replayed once."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -71,15 +85,42 @@ def cuda_graph_time_us(fn: Callable[[], Any], calls: int = 20, replays: int = 30
             fn()
     g.replay()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    return g
+
+
+def interleaved_graph_times_us(
+    fns: Mapping[str, Callable[[], Any]], calls: int = 20, replays: int = 30, warm_below_us: float = 2000.0
+) -> dict[str, list[float]]:
+    """Kernel time per call (µs) of every replay of each function's graph, the functions' replays interleaved.
+
+    Captures a graph of ``calls`` calls per function, then replays them round-robin ``replays`` times, each pass
+    starting one function further on, so every function is timed under the same clocks and power state: a board held
+    at its power limit runs the same kernel 10-15% slower than after a pause, and timing the functions one after
+    another would credit that drift to whichever ran first. A graph shorter than ``warm_below_us`` gets an untimed
+    replay right before each timed one: after another function's kernels its first call finds cold caches (measured
+    +0.3 µs per call in a graph of 20 calls of a 5 µs kernel), which back-to-back calls do not. Take the median of
+    each list.
+    """
+    graphs = {name: capture_cuda_graph(fn, calls) for name, fn in fns.items()}
+    names = list(graphs)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def timed(g: torch.cuda.CUDAGraph) -> float:
         a.record()
         g.replay()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b) * 1000.0 / calls)
-    return statistics.median(times)
+        return a.elapsed_time(b) * 1000.0
+
+    warm = {name: timed(g) < warm_below_us for name, g in graphs.items()}
+    for i in range(replays):
+        for j in range(len(names)):
+            name = names[(i + j) % len(names)]
+            if warm[name]:
+                graphs[name].replay()
+            times[name].append(timed(graphs[name]) / calls)
+    return times
 
 
 def compiled_flex_attention(recompile_limit: int = 256) -> Callable[..., Any]:
