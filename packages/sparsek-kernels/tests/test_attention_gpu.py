@@ -317,6 +317,28 @@ def test_compiled_fast_path_runs_planned_calls():
         assert rel_error(captured[0], attention_ref(q.float(), k.float(), v.float())) < tolerance(torch.float16)
 
 
+def test_dispatch_mode_sees_eager_calls():
+    """A call that would take the eager shortcut (and, planned, the compiled fast path) runs through the registered
+    op under a TorchDispatchMode, so the mode sees it, and the result is the kernel's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    q, k, v = (_rand(1, 300, 4, 64, dtype=torch.float16) for _ in range(3))
+    for _ in range(2):
+        sparsek.attention(q, k, v, causal=True)  # planned outside the mode
+    with Record():
+        out = sparsek.attention(q, k, v, causal=True)
+    assert seen.count("sparsek.fmha_fwd.default") == 1
+    ref = attention_ref(q.float(), k.float(), v.float(), causal=True)
+    assert rel_error(out, ref) < tolerance(torch.float16)
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_tensors_on_a_device_that_is_not_current():
     """Every kernel family runs on cuda:1 while cuda:0 is current (layers spread over GPUs in one process)."""
