@@ -129,9 +129,9 @@ def test_cache_is_bounded(launches, monkeypatch):
     assert 1 <= len(_dense_plans._plans) <= 3
 
 
-def test_python_modes_keep_calls_on_the_registered_op():
-    """Under a TorchDispatchMode or TorchFunctionMode (FlopCounterMode, FakeTensorMode, ``with torch.device``) the
-    eager shortcut is off, so the mode sees ``sparsek.fmha_fwd``."""
+def test_dispatch_modes_keep_calls_on_the_registered_op():
+    """Under a TorchDispatchMode (FlopCounterMode, FakeTensorMode, a recording mode) the eager shortcut is off, so the
+    mode sees ``sparsek.fmha_fwd``; a TorchFunctionMode (``torch.set_default_device``'s) leaves it on."""
     from torch.overrides import TorchFunctionMode
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -142,15 +142,15 @@ def test_python_modes_keep_calls_on_the_registered_op():
             seen.append(str(func))
             return func(*args, **(kwargs or {}))
 
-    assert not attention_module._python_modes_active()
+    assert not attention_module._dispatch_mode_active()
     with Record():
-        assert attention_module._python_modes_active()
+        assert attention_module._dispatch_mode_active()
         q, k, v = (torch.randn(1, 33, 2, 16) for _ in range(3))
         out = sparsek.attention(q, k, v)
     assert "sparsek.fmha_fwd.default" in seen
     assert torch.allclose(out, sparsek.attention(q, k, v))
     with TorchFunctionMode():
-        assert attention_module._python_modes_active()
+        assert not attention_module._dispatch_mode_active()
     with torch.device("cpu"):
-        assert attention_module._python_modes_active()
-    assert not attention_module._python_modes_active()
+        assert not attention_module._dispatch_mode_active()
+    assert not attention_module._dispatch_mode_active()

@@ -27,13 +27,13 @@ def _check_kernel_head_dim(q: torch.Tensor) -> None:
 
 _is_functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
 _dispatch_mode_depth = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)
-_function_mode_depth = getattr(torch._C, "_len_torch_function_stack", lambda: 0)
 
 
-def _python_modes_active() -> bool:
-    """A ``TorchDispatchMode`` or ``TorchFunctionMode`` is active (``FlopCounterMode``, ``FakeTensorMode``,
-    ``with torch.device(...)``): calls must then go through the registered op, where the mode sees them."""
-    return bool(_dispatch_mode_depth() or _function_mode_depth())
+def _dispatch_mode_active() -> bool:
+    """A ``TorchDispatchMode`` is active (``FlopCounterMode``, ``FakeTensorMode``, ``make_fx`` tracing): calls must then
+    go through the registered op, where the mode sees them. (``TorchFunctionMode``s such as the one
+    ``torch.set_default_device`` installs do not need the op and keep the direct launch.)"""
+    return _dispatch_mode_depth() > 0
 
 
 def _eager_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -47,7 +47,7 @@ def _eager_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         and q.is_cuda
         and not (q.requires_grad or k.requires_grad or v.requires_grad)
         and not _is_functorch_wrapped(q)
-        and not _python_modes_active()
+        and not _dispatch_mode_active()
     )
 
 
