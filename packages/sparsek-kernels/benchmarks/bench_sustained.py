@@ -25,34 +25,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import shutil
-import subprocess
 import time
 from pathlib import Path
 
 import sparsek
 import torch
 import torch.nn.functional as F
-from sparsek.testing import cuda_event_time_us
+from sparsek.testing import board_reading, cuda_event_time_us
 from torch.nn.attention import SDPBackend, sdpa_kernel
-
-
-def board_reading() -> str:
-    """SM clock (MHz) and board power (W) from ``nvidia-smi``, or an empty string without it."""
-    if shutil.which("nvidia-smi") is None:
-        return ""
-    idx = torch.cuda.current_device()
-    out = subprocess.run(
-        ["nvidia-smi", "-i", str(idx), "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
-    try:
-        mhz, watts = (float(x) for x in out.split(","))
-    except ValueError:
-        return ""
-    return f"{mhz:.0f} MHz, {watts:.0f} W"
 
 
 def time_burst_and_sustained(fn, idle_s: float, sustain_s: float) -> tuple[float, float, str]:

@@ -5,8 +5,8 @@ A GPU at its board power limit lowers its clocks, so a kernel timed right after 
 kernel timed after 150 ms of work. ``tools/bench_attention.py`` used to time the backends of a shape one after
 another; this script shows what that does, on the shapes where the table's rounds split into two groups:
 
-- **sequential**: each backend's graph timed in turn (``cuda_graph_time_us``), the SM clock, board power and
-  temperature read with ``nvidia-smi`` after each;
+- **sequential**: each backend's graph timed in turn (``cuda_graph_time_us``), the SM clock and board power read
+  with ``nvidia-smi`` after each;
 - **interleaved**: one replay of each backend in turn (``interleaved_graph_times_us``, what the table uses now);
 - **output placement**: our kernel writing O at several byte offsets of one buffer (0 B to 2 MiB), interleaved, to
   rule the output's address in or out.
@@ -17,15 +17,13 @@ another; this script shows what that does, on the shapes where the table's round
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
-import subprocess
 
 import sparsek
 import torch
 import torch.nn.functional as F
 from sparsek import _lib
-from sparsek.testing import cuda_graph_time_us, interleaved_graph_times_us
+from sparsek.testing import board_reading, cuda_graph_time_us, interleaved_graph_times_us
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 SHAPES = [  # dtype, B, H, S, D (non-causal): the S=2048 rows of the dense table
@@ -34,18 +32,6 @@ SHAPES = [  # dtype, B, H, S, D (non-causal): the S=2048 rows of the dense table
     ("bf16", 4, 16, 2048, 128),
 ]
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def board() -> str:
-    """SM clock (MHz), board power (W) and temperature (C) from ``nvidia-smi``, or ``-`` without it."""
-    if shutil.which("nvidia-smi") is None:
-        return "-"
-    query = "--query-gpu=clocks.sm,power.draw,temperature.gpu"
-    idx = str(torch.cuda.current_device())
-    out = subprocess.run(
-        ["nvidia-smi", "-i", idx, query, "--format=csv,noheader,nounits"], capture_output=True, text=True
-    ).stdout
-    return "/".join(x.strip() for x in out.strip().split(","))
 
 
 def output_at(qs, ks, vs, buf, offset):
@@ -81,12 +67,12 @@ def time_shape(name: str, b: int, h: int, s: int, d: int, rounds: int) -> None:
     }
     print(f"== {name} B={b} H={h} S={s} D={d}", flush=True)
     for r in range(rounds):
-        cells = [f"{n} {cuda_graph_time_us(f):.1f} [{board()}]" for n, f in fns.items()]
+        cells = [f"{n} {cuda_graph_time_us(f):.1f} [{board_reading()}]" for n, f in fns.items()]
         print(f"  sequential round {r}: " + " | ".join(cells), flush=True)
     for r in range(rounds):
         times = interleaved_graph_times_us(fns)
         cells = [f"{n} {statistics.median(t):.1f}" for n, t in times.items()]
-        print(f"  interleaved round {r}: " + " | ".join(cells) + f" [{board()}]", flush=True)
+        print(f"  interleaved round {r}: " + " | ".join(cells) + f" [{board_reading()}]", flush=True)
     buf = torch.empty(qs.numel() + 2 * 1024 * 1024, device="cuda", dtype=qs.dtype)
     placed = {}
     for offset_bytes in (0, 128, 4096, 65536, 1 << 20, (2 << 20) + 128):
@@ -105,7 +91,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4, help="rounds of each timing method")
     args = ap.parse_args()
     print(f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}; sparsek {sparsek.__version__}")
-    print("board readings: SM MHz/W/C after each sequential timing and after each interleaved round")
+    print("board readings (SM clock, power) after each sequential timing and after each interleaved round")
     for shape in SHAPES:
         time_shape(*shape, rounds=args.rounds)
         torch.cuda.empty_cache()

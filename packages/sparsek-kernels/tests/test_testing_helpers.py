@@ -6,7 +6,8 @@ import statistics
 
 import pytest
 import torch
-from sparsek.testing import compiled_flex_attention, interleaved_graph_times_us
+from sparsek import testing
+from sparsek.testing import board_reading, compiled_flex_attention, interleaved_graph_times_us
 
 dynamo = pytest.importorskip("torch._dynamo")
 
@@ -75,3 +76,8 @@ def test_interleaved_graph_times_track_the_work():
     assert all(len(t) == 12 and min(t) > 0 for t in times.values())
     ratio = statistics.median(times["four"]) / statistics.median(times["one"])
     assert 3.0 < ratio < 5.0, ratio
+
+
+def test_board_reading_is_empty_without_nvidia_smi(monkeypatch):
+    monkeypatch.setattr(testing.shutil, "which", lambda name: None)
+    assert board_reading() == ""

@@ -6,7 +6,9 @@ current GPU is of that architecture. The helpers give the project's one definiti
 
 from __future__ import annotations
 
+import shutil
 import statistics
+import subprocess
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -121,6 +123,24 @@ def interleaved_graph_times_us(
                 graphs[name].replay()
             times[name].append(timed(graphs[name]) / calls)
     return times
+
+
+def board_reading() -> str:
+    """The current GPU's SM clock and board power from ``nvidia-smi`` (``"1680 MHz, 682 W"``), or ``""`` without it."""
+    if shutil.which("nvidia-smi") is None:
+        return ""
+    idx = torch.cuda.current_device()
+    out = subprocess.run(
+        ["nvidia-smi", "-i", str(idx), "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    try:
+        mhz, watts = (float(x) for x in out.split(","))
+    except ValueError:
+        return ""
+    return f"{mhz:.0f} MHz, {watts:.0f} W"
 
 
 def compiled_flex_attention(recompile_limit: int = 256) -> Callable[..., Any]:
