@@ -72,6 +72,27 @@ def test_split_kv_small_grids(dtype, b, sq, h, sk, d, causal, window):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(
+    "b,sq,hq,hk,sk,d",
+    [
+        (1, 4096, 5, 5, 4096, 64),  # 160 query blocks on 132 SMs: 132 in the persistent launch, 28 split-KV
+        (1, 4000, 5, 5, 3999, 128),  # the last query block 32 rows short, the last key tile 1 key short
+        (2, 2100, 9, 3, 2500, 64),  # GQA; 306 blocks: two whole rounds and a tail of 42
+        (1, 4096, 4, 2, 4096, 128),  # 128 blocks: under one round, no tail launch
+    ],
+)
+def test_persistent_tail_split(dtype, b, sq, hq, hk, sk, d):
+    """A persistent launch's partial last round runs as a second, split-KV launch on Hopper (SPARSEK_SM90_TAIL_SPLIT).
+
+    The comments give the split on a 132-SM GPU; outputs and LSE must match the reference either way.
+    """
+    torch.manual_seed(sq + sk + hq)
+    q = _rand(b, sq, hq, d, dtype=dtype)
+    k, v = _rand(b, sk, hk, d, dtype=dtype), _rand(b, sk, hk, d, dtype=dtype)
+    _assert_matches_reference(q, k, v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
     "b,sq,h,sk,d,causal,window",
     [
         (1, 512, 8, 512, 64, False, None),  # the latency shape: 64 blocks of 64 rows, one 256-key tile per warpgroup

@@ -152,6 +152,38 @@ static int sm90_splits(long items, int seqlen_k, int kBN, MaxClusters max_cluste
   return s > 1 ? s : 1;
 }
 
+// SPARSEK_SM90_TAIL_SPLIT: unset = the heuristic in sm90_tail_splits; 0 or 1 = never split the tail; 2-8 = split it
+// over that many CTAs per item where the split is possible. A benchmarking and testing knob.
+static int sm90_tail_split_override() {
+  static const int v = env_int("SPARSEK_SM90_TAIL_SPLIT", -1, -1, 8);
+  return v;
+}
+
+// A persistent launch of `items` equal work items (`n_kv` key tiles each) on `grid` CTAs takes ceil(items / grid)
+// rounds. When the last round is partial, its `tail` items can run instead as a second launch that splits each item's
+// keys over s CTAs of a cluster (split-KV): ceil(tail / max_clusters(s)) waves of pieces of n_kv / s tiles, each
+// piece with a fixed cost (prologue, cluster combine, epilogue) taken as kPieceTiles tile-times. Returns the s that
+// finishes the tail soonest if it saves at least 15% of the last round, else 1 (no tail launch).
+template <typename MaxClusters>
+static int sm90_tail_splits(long items, int grid, int n_kv, MaxClusters max_clusters) {
+  const long tail = items % grid;
+  const int forced = sm90_tail_split_override();
+  if (forced == 0 || forced == 1 || items <= grid || tail == 0) return 1;
+  constexpr double kPieceTiles = 3.0;
+  double best = 0.85 * n_kv;
+  int best_s = 1;
+  for (int s = 2; s <= 8; ++s) {
+    const int per = (n_kv + s - 1) / s;
+    if (per < 4 || (n_kv + per - 1) / per != s) continue;  // at least 4 tiles per piece, none empty
+    if (forced > 1 && s != forced) continue;
+    const int c = max_clusters(s);
+    if (c <= 0) continue;
+    const double cost = (double)((tail + c - 1) / c) * (per + kPieceTiles);
+    if (forced > 1 || cost < best) best = cost, best_s = s;
+  }
+  return best_s;
+}
+
 // Query blocks of `rows` rows over all sequences and heads (the work items of a dense launch).
 static long query_blocks(const SkFmhaParams& p, int rows) {
   return (long)((p.seqlen_q + rows - 1) / rows) * p.heads_q * p.batch;
@@ -219,6 +251,7 @@ static bool try_launch_sm90(const SkFmhaParams& p, cudaStream_t stream, cudaErro
   const bool varlen_q = p.cu_seqlens_q != nullptr, varlen_k = p.cu_seqlens_k != nullptr;
   const bool bf16 = p.is_bf16 != 0;
   sm90::TmaParams tma;
+  tma.item_begin = tma.item_end = 0;  // all work items
   if (!make_map(&tma.q, p.q, bf16, kD, p.total_q, p.heads_q, varlen_q ? 1 : p.batch, p.q_row_stride, p.q_head_stride,
                 p.q_batch_stride, Tr::kBM) ||
       !make_map(&tma.k, p.k, bf16, kD, p.total_k, p.heads_kv, varlen_k ? 1 : p.batch, p.k_row_stride,
@@ -276,6 +309,14 @@ static bool try_launch_sm90(const SkFmhaParams& p, cudaStream_t stream, cudaErro
     return v;
   };
   tma.splits = (kIndex || kSplitKeys) ? 1 : sm90_splits(items, p.seqlen_k, kBN, max_clusters);
+  // A persistent dense launch whose last round is partial: the whole rounds here, the tail split-KV below. Only
+  // without a window, where every item has all the key tiles (the cost model's assumption).
+  const bool equal_items = !kIndex && !kSplitKeys && !varlen_q && !varlen_k && p.window_left < 0 && p.window_right < 0;
+  const int tail_splits = equal_items && tma.splits == 1 && balanced && grid == num_sms()
+                              ? sm90_tail_splits(items, grid, (p.seqlen_k + kBN - 1) / kBN, max_clusters)
+                              : 1;
+  const long full = tail_splits > 1 ? items - items % grid : items;
+  if (tail_splits > 1) tma.item_end = (int)full;
   // Split-KV: one cluster of `splits` CTAs per work item (the kernel reuses its K/V ring for the partials, so every
   // CTA must own exactly one item).
   attr[0].val.clusterDim.x = (unsigned)tma.splits;
@@ -283,6 +324,16 @@ static bool try_launch_sm90(const SkFmhaParams& p, cudaStream_t stream, cudaErro
   cfg.attrs = tma.splits == 1 ? attr + 1 : attr;
   cfg.numAttrs = (tma.splits == 1 ? 0 : 1) + (sm90_pdl() ? 1 : 0);
   *err = cudaLaunchKernelEx(&cfg, kernel, p, tma);
+  if (tail_splits > 1 && *err == cudaSuccess) {
+    tma.item_begin = (int)full;
+    tma.item_end = (int)items;
+    tma.splits = tail_splits;
+    attr[0].val.clusterDim.x = (unsigned)tail_splits;
+    cfg.gridDim = dim3((unsigned)((items - full) * tail_splits));
+    cfg.attrs = attr;
+    cfg.numAttrs = 1 + (sm90_pdl() ? 1 : 0);
+    *err = cudaLaunchKernelEx(&cfg, kernel, p, tma);
+  }
   return true;
 }
 

@@ -229,6 +229,9 @@ struct TmaParams {
   // Split-KV (dense/varlen only): the keys of one query block are divided among `splits` CTAs of one thread-block
   // cluster (cluster rank = split), which combine their partial results through distributed shared memory.
   int splits;
+  // The work items of this launch: [item_begin, item_end), or all of them when item_end is 0. A persistent launch
+  // whose last round would leave SMs idle takes the whole rounds, and a second, split-KV launch the rest (the tail).
+  int item_begin, item_end;
 };
 
 __device__ __forceinline__ uint32_t cluster_ctarank() {
@@ -458,11 +461,14 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const int wg = tid / 128;
   const int group = p.heads_q / p.heads_kv;
   const int num_m = (p.seqlen_q + kBM - 1) / kBM * (Tr::kHalfRows ? 2 : 1);
-  const int num_items = num_m * p.heads_q * p.batch;
+  // (The split-keys kernels never get an item range: reading one there cost them spills.)
+  constexpr bool kItemRange = !Tr::kIndex && !Tr::kSplitKeys;
+  const int num_items = kItemRange && tma.item_end > 0 ? tma.item_end : num_m * p.heads_q * p.batch;
   // Split-KV: the CTAs of one cluster share a work item; cluster rank = which run of its keys this CTA takes.
   const int splits = (Tr::kIndex || Tr::kSplitKeys) ? 1 : tma.splits;
   const int split = splits > 1 ? (int)cluster_ctarank() : 0;
-  const int first_item = blockIdx.x / splits, item_stride = gridDim.x / splits;
+  const int first_item = (kItemRange ? tma.item_begin : 0) + (int)blockIdx.x / splits;
+  const int item_stride = gridDim.x / splits;
   uint64_t* q_empty = v_empty + kStages;  // [2]
   // [kStages][kBN]
   int* sPos = reinterpret_cast<int*>(base + 2 * Tr::kQBytes + 2 * kStages * Tr::kKVBytes + Tr::kBarrierBytes);
