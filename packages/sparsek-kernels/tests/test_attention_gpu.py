@@ -75,7 +75,7 @@ def test_split_kv_small_grids(dtype, b, sq, h, sk, d, causal, window):
     "b,sq,hq,hk,sk,d",
     [
         (1, 4096, 5, 5, 4096, 64),  # 160 query blocks on 132 SMs: 132 in the persistent launch, 28 split-KV
-        (1, 4000, 5, 5, 3999, 128),  # the last query block 32 rows short, the last key tile 1 key short
+        (1, 4000, 5, 5, 3999, 128),  # the last query block holds 32 rows, the last key tile 31 keys
         (2, 2100, 9, 3, 2500, 64),  # GQA; 306 blocks: two whole rounds and a tail of 42
         (1, 4096, 4, 2, 4096, 128),  # 128 blocks: under one round, no tail launch
     ],
