@@ -62,15 +62,17 @@ def cuda_graph_time_us(fn: Callable[[], Any], calls: int = 20, replays: int = 30
     ``replays`` times; launch gaps vanish, so this measures kernel time rather than host overhead.
     """
     g = capture_cuda_graph(fn, calls)
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1000.0 / calls)
-    return statistics.median(times)
+    return statistics.median(_replay_time_us(g) / calls for _ in range(replays))
+
+
+def _replay_time_us(g: torch.cuda.CUDAGraph) -> float:
+    """GPU time (µs) of one replay of ``g``, between two CUDA events."""
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    g.replay()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) * 1000.0
 
 
 def capture_cuda_graph(fn: Callable[[], Any], calls: int = 20) -> torch.cuda.CUDAGraph:
@@ -106,22 +108,13 @@ def interleaved_graph_times_us(
     graphs = {name: capture_cuda_graph(fn, calls) for name, fn in fns.items()}
     names = list(graphs)
     times: dict[str, list[float]] = {name: [] for name in names}
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-
-    def timed(g: torch.cuda.CUDAGraph) -> float:
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        return a.elapsed_time(b) * 1000.0
-
-    warm = {name: timed(g) < warm_below_us for name, g in graphs.items()}
+    warm = {name: _replay_time_us(g) < warm_below_us for name, g in graphs.items()}
     for i in range(replays):
         for j in range(len(names)):
             name = names[(i + j) % len(names)]
             if warm[name]:
                 graphs[name].replay()
-            times[name].append(timed(graphs[name]) / calls)
+            times[name].append(_replay_time_us(graphs[name]) / calls)
     return times
 
 

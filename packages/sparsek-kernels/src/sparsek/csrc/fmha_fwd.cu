@@ -250,8 +250,7 @@ static bool try_launch_sm90(const SkFmhaParams& p, cudaStream_t stream, cudaErro
       sm90::Sm90Traits<kD, kBN, kStages, T, kSched, kIndex, kConsumers, kIntervals, kSplitKeys, kGather, kHalfRows>;
   const bool varlen_q = p.cu_seqlens_q != nullptr, varlen_k = p.cu_seqlens_k != nullptr;
   const bool bf16 = p.is_bf16 != 0;
-  sm90::TmaParams tma;
-  tma.item_begin = tma.item_end = 0;  // all work items
+  sm90::TmaParams tma;  // item range and splits: set per launch (launch_items)
   if (!make_map(&tma.q, p.q, bf16, kD, p.total_q, p.heads_q, varlen_q ? 1 : p.batch, p.q_row_stride, p.q_head_stride,
                 p.q_batch_stride, Tr::kBM) ||
       !make_map(&tma.k, p.k, bf16, kD, p.total_k, p.heads_kv, varlen_k ? 1 : p.batch, p.k_row_stride,
@@ -308,32 +307,32 @@ static bool try_launch_sm90(const SkFmhaParams& p, cudaStream_t stream, cudaErro
     }
     return v;
   };
-  tma.splits = (kIndex || kSplitKeys) ? 1 : sm90_splits(items, p.seqlen_k, kBN, max_clusters);
-  // A persistent dense launch whose last round is partial: the whole rounds here, the tail split-KV below. Only
-  // without a window, where every item has all the key tiles (the cost model's assumption).
+  // One launch of the work items [begin, end) (end 0: all of them) on `grid_x` CTAs. With `split` > 1 (split-KV) it
+  // is one cluster of `split` CTAs per item (the kernel reuses its K/V ring for the partials, so every CTA must own
+  // exactly one item).
+  auto launch_items = [&](int begin, int end, int split, unsigned grid_x) {
+    tma.item_begin = begin, tma.item_end = end, tma.splits = split;
+    attr[0].val.clusterDim.x = (unsigned)split;
+    cfg.gridDim = dim3(grid_x);
+    cfg.attrs = split == 1 ? attr + 1 : attr;
+    cfg.numAttrs = (split == 1 ? 0 : 1) + (sm90_pdl() ? 1 : 0);
+    return cudaLaunchKernelEx(&cfg, kernel, p, tma);
+  };
+  const int splits = (kIndex || kSplitKeys) ? 1 : sm90_splits(items, p.seqlen_k, kBN, max_clusters);
+  // A persistent dense launch whose last round is partial: the whole rounds in the first launch, the tail split-KV in
+  // a second. Only without a window, where every item has all the key tiles (the cost model's assumption).
   const bool equal_items = !kIndex && !kSplitKeys && !varlen_q && !varlen_k && p.window_left < 0 && p.window_right < 0;
-  const int tail_splits = equal_items && tma.splits == 1 && balanced && grid == num_sms()
+  const int tail_splits = equal_items && splits == 1 && balanced && grid == num_sms()
                               ? sm90_tail_splits(items, grid, (p.seqlen_k + kBN - 1) / kBN, max_clusters)
                               : 1;
-  const long full = tail_splits > 1 ? items - items % grid : items;
-  if (tail_splits > 1) tma.item_end = (int)full;
-  // Split-KV: one cluster of `splits` CTAs per work item (the kernel reuses its K/V ring for the partials, so every
-  // CTA must own exactly one item).
-  attr[0].val.clusterDim.x = (unsigned)tma.splits;
-  cfg.gridDim = dim3(tma.splits == 1 ? (unsigned)grid : (unsigned)(items * tma.splits));
-  cfg.attrs = tma.splits == 1 ? attr + 1 : attr;
-  cfg.numAttrs = (tma.splits == 1 ? 0 : 1) + (sm90_pdl() ? 1 : 0);
-  *err = cudaLaunchKernelEx(&cfg, kernel, p, tma);
-  if (tail_splits > 1 && *err == cudaSuccess) {
-    tma.item_begin = (int)full;
-    tma.item_end = (int)items;
-    tma.splits = tail_splits;
-    attr[0].val.clusterDim.x = (unsigned)tail_splits;
-    cfg.gridDim = dim3((unsigned)((items - full) * tail_splits));
-    cfg.attrs = attr;
-    cfg.numAttrs = 1 + (sm90_pdl() ? 1 : 0);
-    *err = cudaLaunchKernelEx(&cfg, kernel, p, tma);
+  if (tail_splits == 1) {
+    *err = launch_items(0, 0, splits, splits == 1 ? (unsigned)grid : (unsigned)(items * splits));
+    return true;
   }
+  const long full = items - items % grid;
+  *err = launch_items(0, (int)full, 1, (unsigned)grid);
+  if (*err == cudaSuccess)
+    *err = launch_items((int)full, (int)items, tail_splits, (unsigned)((items - full) * tail_splits));
   return true;
 }
 

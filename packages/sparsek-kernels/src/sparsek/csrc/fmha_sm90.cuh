@@ -461,11 +461,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const int wg = tid / 128;
   const int group = p.heads_q / p.heads_kv;
   const int num_m = (p.seqlen_q + kBM - 1) / kBM * (Tr::kHalfRows ? 2 : 1);
-  // (The split-keys kernels never get an item range: reading one there cost them spills.)
+  // Only the dense kernels (not split keys) take a launch's item range and split-KV factor. (Reading the item range
+  // in the split-keys kernels cost them spills.)
   constexpr bool kItemRange = !Tr::kIndex && !Tr::kSplitKeys;
   const int num_items = kItemRange && tma.item_end > 0 ? tma.item_end : num_m * p.heads_q * p.batch;
   // Split-KV: the CTAs of one cluster share a work item; cluster rank = which run of its keys this CTA takes.
-  const int splits = (Tr::kIndex || Tr::kSplitKeys) ? 1 : tma.splits;
+  const int splits = kItemRange ? tma.splits : 1;
   const int split = splits > 1 ? (int)cluster_ctarank() : 0;
   const int first_item = (kItemRange ? tma.item_begin : 0) + (int)blockIdx.x / splits;
   const int item_stride = gridDim.x / splits;
