@@ -14,12 +14,14 @@ SCRIPTS = sorted(p.name for p in SCRIPTS_DIR.glob("legacy_*.py"))
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
+def _child_pythonpath() -> str:
+    """This package's source first, then the caller's PYTHONPATH made absolute (the child runs in SCRIPTS_DIR)."""
+    inherited = [str(Path(p).resolve()) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return os.pathsep.join([str(SRC), *inherited])
+
+
 def _run(script: str, device: str, timeout: float) -> None:
-    env = dict(
-        os.environ,
-        FLASHCORE_TEST_DEVICE=device,
-        PYTHONPATH=os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])),
-    )
+    env = dict(os.environ, FLASHCORE_TEST_DEVICE=device, PYTHONPATH=_child_pythonpath())
     env.pop("FLASHCORE_LAYOUT_GUESS", None)
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
