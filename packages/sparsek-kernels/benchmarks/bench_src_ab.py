@@ -75,26 +75,18 @@ def worker(rounds: int) -> None:
                 "cudnn": cudnn(*(t.transpose(1, 2) for t in (q, k, v)), causal),
             },
         )
-    b, h, s, d, bs = 1, 16, 32768, 128, 128
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
-    nb = s // bs
-    for density in DENSITIES:
-        keep = max(1, round(density * nb))
-        blocks = torch.rand(b, h, nb, nb, device="cuda", generator=gen).argsort(-1)[..., :keep]
-        starts = (blocks.sort(-1).values.to(torch.int32) * bs).contiguous()
-        counts = torch.full((b, h, nb), keep, dtype=torch.int32, device="cuda")
-        ks, vs = k[:, : keep * bs].contiguous(), v[:, : keep * bs].contiguous()
-        emit(
-            f"block runs {density:.0%} (S=32768)",
-            {
-                "sparsek": lambda st=starts, ct=counts: torch.ops.sparsek.block_attn_fwd(
-                    q, k, v, st, ct, bs, bs, d**-0.5, -1, -1, False
-                ),
-                "cudnn": cudnn(q.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2), False),
-            },
-            calls=5,
-        )
+    # The block-runs workloads and their dense cuDNN twins as bench_sustained.py builds them: per density, "block runs
+    # N%" and then "SDPA cuDNN dense, <keep x 128> keys" (the same 128-query items done densely).
+    from bench_sustained import workloads as sustained_workloads
+
+    shape = argparse.Namespace(heads=16, d=128, seqlen=32768, dtype=torch.bfloat16, densities=list(DENSITIES))
+    block_runs = None
+    for name, _tiles, _flops, fn in sustained_workloads(shape):
+        if name.startswith("block runs"):
+            block_runs = (name, fn)
+        elif block_runs and name.startswith("SDPA cuDNN dense, "):
+            emit(f"{block_runs[0]} (S=32768)", {"sparsek": block_runs[1], "cudnn": fn}, calls=5)
+            block_runs = None
 
 
 def main() -> None:
