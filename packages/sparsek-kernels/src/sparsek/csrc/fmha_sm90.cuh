@@ -302,6 +302,10 @@ struct Sm90Traits {
   static constexpr bool kHalfRows = kHalfRows_;
   static_assert(!kHalfRows || kSplitKeys, "half rows: split-keys kernels only");
   static constexpr int kRows = kHalfRows ? 1 : 2;  // accumulator rows per thread that hold queries (r0, r0 + 8)
+  // Dense head dim 64: each consumer warpgroup keeps its Q rows in registers (16 per thread, loaded with ldmatrix
+  // once per work item) and issues S = Q K^T with A from registers (wgmma RS), so the S GEMM reads only K from shared
+  // memory.
+  static constexpr bool kQInRegs = !kIndex && !kSplitKeys && kConsumers == 2 && kD_ == 64;
   static constexpr int kBM = kSplitKeys ? 64 : 64 * kConsumers;
   // Each K/V tile is read by every consumer warpgroup, or (split keys) by one.
   static constexpr int kTileReaders = kSplitKeys ? 128 : 128 * kConsumers;
@@ -704,6 +708,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   // (ptxas keeps the 8 full descriptors of the dense kernels in registers, but rebuilt them at every k-step here,
   // 4 vector instructions each, with the index kernels' 224 registers: PERF_NOTES v51.)
   uint32_t dq_lo = 0;
+  // Tr::kQInRegs: the current item's Q rows of this warpgroup as wgmma A fragments (k16 step kk).
+  uint32_t qa[Tr::kQInRegs ? kD / 16 : 1][4];
   // The LSE of the current item's query `row` (row within its sequence).
   auto lse_at = [&](int row) -> float& {
     return p.lse[w.b * p.lse_batch_stride + w.h * p.lse_head_stride + w.q_start + row];
@@ -725,12 +731,16 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk) {
       const int c = kk / 4, kin = (kk % 4) * 16;  // 64-column block and element offset inside the 128-byte row
-      const uint64_t da =
-          Tr::kIndex ? (make_desc(sQ, 16, 1024) & 0xFFFFFFFF00000000ull) |  // high word: no address bits
-                           (dq_lo + (uint32_t)(((c * kBM * 64 + kin) * (int)sizeof(T)) >> 4))
-                     : make_desc(sQc + c * kBM * 64 + wrow * 64 + kin, 16, 1024);
       const uint64_t db = make_desc(cK + c * kBN * 64 + kin, 16, 1024);
-      wgmma_ss<kBN, T>(acc_s, da, db, kk > 0 ? 1 : 0);
+      if constexpr (Tr::kQInRegs) {
+        wgmma_rs<kBN, T>(acc_s, qa[kk], db, kk > 0 ? 1 : 0);
+      } else {
+        const uint64_t da =
+            Tr::kIndex ? (make_desc(sQ, 16, 1024) & 0xFFFFFFFF00000000ull) |  // high word: no address bits
+                             (dq_lo + (uint32_t)(((c * kBM * 64 + kin) * (int)sizeof(T)) >> 4))
+                       : make_desc(sQc + c * kBM * 64 + wrow * 64 + kin, 16, 1024);
+        wgmma_ss<kBN, T>(acc_s, da, db, kk > 0 ? 1 : 0);
+      }
     }
     wgmma_commit();
   };
@@ -882,6 +892,17 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     row_sum[0] = row_sum[1] = 0.f;
     sQc = sQ + (n_items & 1) * (Tr::kQBytes / 2);
     if constexpr (Tr::kIndex) dq_lo = (uint32_t)make_desc(sQc + wrow * 64, 16, 1024);
+    if constexpr (Tr::kQInRegs) {
+      // ldmatrix.x4 per k16 step: lanes 0-15 address rows 0-15 of the warp's 16 at the step's first 8 columns, lanes
+      // 16-31 at its second 8; 16-byte chunk j of Q row r sits at chunk j ^ (r % 8) (TMA's 128-byte swizzle).
+      const int qrow = wrow + warp * 16 + (lane & 15);
+      const uint32_t qrow_addr = smem_u32(sQc) + qrow * 128;
+#pragma unroll
+      for (int kk = 0; kk < kD / 16; ++kk) {
+        const int c = kk / 4, chunk = (kk % 4) * 2 + (lane >> 4);
+        ldmatrix_x4(qa[kk], qrow_addr + c * kBM * 128 + ((chunk ^ (qrow & 7)) << 4));
+      }
+    }
     if (!Tr::kPipeline || t_first >= w.n_tiles) release_staged_q();
     if (t_first < w.n_tiles) {
       float corr[2];
