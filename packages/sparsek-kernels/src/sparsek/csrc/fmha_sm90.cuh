@@ -4,8 +4,9 @@
 // tensor copies (TMA) of each work item's Q tile (two buffers, so the next item's Q loads early) and of K/V tiles into
 // a kStages-deep ring, gated by "empty" mbarriers; it gives registers back with setmaxnreg.dec.
 // Warpgroups 1.. are consumers (setmaxnreg.inc), each owning 64 query rows: S = Q K^T with both operands in shared
-// memory (wgmma, 128-byte swizzle as written by TMA), online softmax on the accumulators, then O += P V with P from
-// registers and V in shared memory (transpose-B). Only compiled for sm_90a; dense and varlen, any causal/window band.
+// memory (wgmma, 128-byte swizzle as written by TMA; dense head dim 64: Q from registers, kQInRegs), online softmax on
+// the accumulators, then O += P V with P from registers and V in shared memory (transpose-B). Only compiled for
+// sm_90a; dense and varlen, any causal/window band.
 // Split-KV (TmaParams::splits > 1): the CTAs of a cluster share one query block, each taking a run of its key tiles,
 // and combine their partial rows through distributed shared memory.
 //
