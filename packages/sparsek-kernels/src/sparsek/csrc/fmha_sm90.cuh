@@ -306,7 +306,7 @@ struct Sm90Traits {
   // Dense head dim 64: each consumer warpgroup keeps its Q rows in registers (16 per thread, loaded with ldmatrix
   // once per work item) and issues S = Q K^T with A from registers (wgmma RS), so the S GEMM reads only K from shared
   // memory.
-  static constexpr bool kQInRegs = !kIndex && !kSplitKeys && kConsumers == 2 && kD_ == 64;
+  static constexpr bool kQInRegs = !kIndex && !kSplitKeys && kConsumers == 2 && kD == 64;
   static constexpr int kBM = kSplitKeys ? 64 : 64 * kConsumers;
   // Each K/V tile is read by every consumer warpgroup, or (split keys) by one.
   static constexpr int kTileReaders = kSplitKeys ? 128 : 128 * kConsumers;
