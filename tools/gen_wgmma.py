@@ -6,6 +6,8 @@ python tools/gen_wgmma.py > packages/sparsek-kernels/src/sparsek/csrc/wgmma_ops.
 
 NS = (64, 96, 128, 192, 256)
 TYPES = {"f16": "half", "bf16": "__nv_bfloat16"}
+# The register-A wrappers, by name: their wgmma transpose-B flag (0: B K-major, 1: B MN-major).
+RS_TRANSPOSE_B = {"wgmma_rs": 0, "wgmma_rs_tb": 1}
 
 
 def regs(n: int, start: int) -> str:
@@ -51,7 +53,7 @@ def main() -> None:
     print(
         "template <int N, typename T>\n__device__ __forceinline__ void wgmma_ss(float* d, uint64_t desc_a, uint64_t desc_b, int scale_d);"
     )
-    for name in ("wgmma_rs", "wgmma_rs_tb"):
+    for name in RS_TRANSPOSE_B:
         print(
             f"template <int N, typename T>\n__device__ __forceinline__ void {name}(float* d, const uint32_t* a, uint64_t desc_b, int scale_d);"
         )
@@ -59,8 +61,8 @@ def main() -> None:
     for ty in TYPES:
         for n in NS:
             print(emit_ss(n, ty))
-            print(emit_rs(n, ty, "wgmma_rs", 0))
-            print(emit_rs(n, ty, "wgmma_rs_tb", 1))
+            for name, tnsp_b in RS_TRANSPOSE_B.items():
+                print(emit_rs(n, ty, name, tnsp_b))
     print("}  // namespace sparsek")
 
 
